@@ -1,6 +1,7 @@
 """Latent-analysis metrics on hand-computed examples, the written plots, and the end-of-training hook."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,13 @@ def test_final_analysis_reports_accuracy_per_labelling_rating(tmp_path):
     assert m["eval/pref_accuracy"] == pytest.approx(4 / 5)
     assert m["eval/pref_accuracy/rating_helpfulness"] == pytest.approx(1 / 2)
     assert m["eval/pref_accuracy/rating_honesty"] == pytest.approx(3 / 3)
+
+
+def test_embedding_of_identical_rows_does_not_crash():
+    """A confident prior gives one identical row per pair; t-SNE would divide by zero spread (and
+    scikit-learn 1.9 segfaults on it): the embedding falls back to PCA, all points at the origin."""
+    from lpc.analysis import embed_2d
+
+    x = np.zeros((64, 8))
+    x[:, 3] = 1.0
+    assert np.allclose(embed_2d(x, "tsne"), 0.0)

@@ -311,3 +311,125 @@ def test_bad_latent_values_fail_before_any_model_loads(tmp_path, override, key):
     assert f"{key}=" in out and "is not allowed" in out, out
     assert not (tmp_path / "final").exists() and not (tmp_path / "metrics.json").exists()
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------- making z act: the mechanisms
+def test_codebook_is_calibrated_to_the_hidden_state_norm(tmp_path):
+    """codebook_init=hidden: every code has norm scale x ||final norm weight|| (sqrt(d) = sqrt(128) for the
+    tiny model's initial RMSNorm); codebook_init=normal keeps N(0, scale^2) entries."""
+    from lpc.modeling import expected_hidden_norm
+
+    t = make_trainer(["latent=discrete", "codebook=4", "latent.codebook_init_scale=0.5"], tmp_path / "a")
+    assert expected_hidden_norm(t.model.lm) == pytest.approx(math.sqrt(128), rel=1e-6)
+    norms = t.model.latent.codebook.detach().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full((4,), 0.5 * math.sqrt(128)))
+    t2 = make_trainer(["latent=discrete", "codebook=64", "latent.codebook_init=normal",
+                       "latent.codebook_init_scale=0.02"], tmp_path / "b")
+    assert t2.model.latent.codebook.detach().std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_latent_parameters_get_their_own_learning_rate(tmp_path):
+    t = make_trainer(["latent=discrete", "codebook=4", "latent.lr_multiplier=10", "trainer.lr=1e-3",
+                      "trainer.warmup_steps=0", "trainer.lr_scheduler=constant"], tmp_path)
+    groups = t.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+    latent_ids = {id(p) for p in t.model.latent.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == latent_ids
+    assert not latent_ids & {id(p) for p in groups[0]["params"]}
+
+
+def test_temperature_annealing_and_kl_warmup_by_hand():
+    from lpc.latent import annealed_temperature, kl_warmup_weight
+
+    assert annealed_temperature(0.5, 1.0, None) == 1.0
+    # exponential: tau_0 (tau_min / tau_0)^p
+    assert annealed_temperature(0.0, 2.0, 0.5) == pytest.approx(2.0)
+    assert annealed_temperature(0.5, 2.0, 0.5) == pytest.approx(1.0)
+    assert annealed_temperature(1.0, 2.0, 0.5) == pytest.approx(0.5)
+    assert kl_warmup_weight(0.1, 0.05, 0.0) == 0.05
+    assert kl_warmup_weight(0.1, 0.05, 0.4) == pytest.approx(0.0125)
+    assert kl_warmup_weight(0.8, 0.05, 0.4) == pytest.approx(0.05)
+
+
+def test_free_bits_charge_no_kl_below_the_threshold():
+    from lpc.losses import lpc_objective
+
+    base, kl = torch.tensor([0.5, 1.0]), torch.tensor([0.02, 0.4], requires_grad=True)
+    # KL 0.02 is charged as 0.1 (and gets no gradient), KL 0.4 as itself
+    out = lpc_objective(base, kl, 0.05, free_bits=0.1)
+    torch.testing.assert_close(out, torch.tensor([0.5 + 0.05 * 0.1, 1.0 + 0.05 * 0.4]))
+    out.sum().backward()
+    torch.testing.assert_close(kl.grad, torch.tensor([0.0, 0.05]))
+
+
+def test_trainer_loss_is_base_plus_warmed_up_lambda_times_kl(tmp_path):
+    """compute_loss adds lambda(progress) * KL per pair to the base loss of the same z."""
+    t = make_trainer(["latent=discrete", "codebook=4", "latent.kl_weight=0.2", "latent.kl_warmup=0.5"], tmp_path)
+    batch = first_batch(t)
+    for progress, lam in ((0.25, 0.1), (0.75, 0.2)):
+        torch.manual_seed(0)
+        loss, metrics, (cr, rr, lat) = t.compute_loss(batch, progress)
+        torch.manual_seed(0)
+        out = t.model(batch, progress=progress)
+        base = t._algo_output(out.logps, out.n_tokens, t._reference_logps(batch)).losses
+        torch.testing.assert_close(loss, (base + lam * out.latent.kl).mean())
+        assert metrics["latent/kl_weight"].item() == pytest.approx(lam)
+        assert out.latent.kl.abs().sum() > 0  # the term is not vacuous
+
+
+# ---------------------------------------------------------------------- the z ablations
+def test_z_ablations_are_exact_when_z_cannot_matter(tmp_path):
+    """With every code zero, z = 0, a shuffled z and the posterior's code all score like the prior's z:
+    no decision changes. With large distinct codes they do."""
+    from lpc.analysis import latent_diagnostics
+
+    t = make_trainer(["latent=discrete", "codebook=4"], tmp_path, n_eval=64)
+    with torch.no_grad():
+        t.model.latent.codebook.zero_()
+    m, pairs = t.evaluate(return_pairs=True, diagnostics=True)
+    d = latent_diagnostics(pairs)
+    margin = pairs["chosen_rewards"] - pairs["rejected_rewards"]
+    for name in ("z_zero", "z_shuffled", "z_posterior"):
+        torch.testing.assert_close(pairs[f"margin/{name}"], margin)
+        assert d[f"eval/pref_accuracy/{name}"] == m["eval/pref_accuracy"]
+    assert d["eval/latent/decisions_changed"] == 0.0 and d["eval/latent/inert"] == 1.0
+    assert d["eval/latent/z_norm"] == 0.0
+    with torch.no_grad():
+        t.model.latent.codebook.normal_(0, 30.0)
+        t.model.latent.prior[-1].bias.copy_(torch.tensor([9.0, 0.0, 0.0, 0.0]))  # the prior picks code 0
+    _, pairs = t.evaluate(return_pairs=True, diagnostics=True)
+    d = latent_diagnostics(pairs)
+    assert d["eval/latent/decisions_changed"] > 0.05 and d["eval/latent/inert"] == 0.0
+    # z_norm is the prior's expected code, close to ||e_0||
+    assert d["eval/latent/z_norm"] == pytest.approx(t.model.latent.codebook[0].norm().item(), rel=0.05)
+
+
+def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
+    """Row i of the shuffled ablation is scored with the prior z of row perm[i] (perm seeded by the
+    trainer's seed): recompute one row by hand."""
+    t = make_trainer(["latent=discrete", "codebook=4"], tmp_path, n_eval=16)
+    with torch.no_grad():
+        t.model.latent.codebook.normal_(0, 30.0)
+    _, pairs = t.evaluate(return_pairs=True, diagnostics=True)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(t.cfg.seed))
+    batch = t._to_device(t.collate([t.eval_dataset[i] for i in range(16)]))
+    with torch.no_grad():
+        from lpc.modeling import hidden_states
+
+        model = t.model
+        hidden = hidden_states(model.lm, batch)
+        z = model.latent(*model.latent_inputs(hidden, batch), mode="prior").z
+        res = t._algo_output(*model.score(hidden, batch, z[perm]), t._reference_logps(batch))
+    torch.testing.assert_close(pairs["margin/z_shuffled"], res.chosen_rewards - res.rejected_rewards)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("latent.codebook_init=bogus", "latent.codebook_init"),
+    ("latent.lr_multiplier=0", "latent.lr_multiplier"),
+    ("latent.temperature_min=-1", "latent.temperature_min"),
+])
+def test_bad_new_latent_options_are_config_errors(tmp_path, override, key):
+    proc = run_train(["latent=discrete", override], tmp_path, check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert key in out, out

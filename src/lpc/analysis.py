@@ -4,7 +4,9 @@ Pure metric functions (numbers in, numbers out) and two plots, tied together by 
 which takes what ``PreferenceTrainer.evaluate(return_pairs=True)`` returns:
 
 * preference accuracy overall and per true type (or per source when the types are unknown);
-* NMI and purity between the prior's argmax code and the true type (and the posterior's);
+* NMI and purity between the prior's argmax code and the true type (and the posterior's), each beside
+  its chance baseline (the same codes against permuted types);
+* the z ablations of `latent_diagnostics`: accuracy with z = 0, shuffled and posterior z;
 * code usage (histogram, entropy, perplexity) and the mean prior entropy;
 * ``prior_embedding.png``: a 2-D t-SNE (or PCA) of the prior's code distributions coloured by source,
   like the paper's Figure 2, and ``code_usage.png``: how often each code is the prior's argmax.
@@ -46,23 +48,12 @@ def entropy(counts) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def mutual_information(labels_a, labels_b) -> float:
-    """I(A; B) in nats from two label sequences of equal length."""
-    a, b = list(labels_a), list(labels_b)
-    if len(a) != len(b):
-        raise ValueError(f"label sequences differ in length: {len(a)} vs {len(b)}")
-    n = len(a)
-    joint, ca, cb = Counter(zip(a, b)), Counter(a), Counter(b)
-    return sum(nij / n * math.log(n * nij / (ca[i] * cb[j])) for (i, j), nij in joint.items())
-
-
 def nmi(labels_true, labels_pred) -> float:
-    """Normalised mutual information, ``I / mean(H_true, H_pred)``; 1.0 if both have a single label."""
-    h_true, h_pred = entropy(list(Counter(labels_true).values())), entropy(list(Counter(labels_pred).values()))
-    if h_true == 0.0 and h_pred == 0.0:
-        return 1.0
-    denom = (h_true + h_pred) / 2
-    return float(mutual_information(labels_true, labels_pred) / denom) if denom > 0 else 0.0
+    """Normalised mutual information, ``I / mean(H_true, H_pred)`` (scikit-learn's arithmetic mean);
+    1.0 if both have a single label."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(list(labels_true), list(labels_pred)))
 
 
 def purity(labels_true, labels_pred) -> float:
@@ -73,6 +64,49 @@ def purity(labels_true, labels_pred) -> float:
         by_cluster.setdefault(c, Counter())[t] += 1
     n = sum(sum(cnt.values()) for cnt in by_cluster.values())
     return sum(max(cnt.values()) for cnt in by_cluster.values()) / n if n else float("nan")
+
+
+def chance_baseline(metric, labels_true, labels_pred, n_permutations: int = 20, seed: int = 0) -> float:
+    """``metric`` of ``labels_pred`` against randomly permuted true labels, averaged: what a code
+    assignment with the same histogram scores by chance. NMI and purity read next to it: an argmax of a
+    near-uniform prior can score well above 0 (purity 1.0 with one code per tag) without any latent
+    structure, so only the gap to this baseline means anything."""
+    rng = np.random.default_rng(seed)
+    truth = np.asarray(list(labels_true))
+    return float(np.mean([metric(rng.permutation(truth).tolist(), list(labels_pred)) for _ in range(n_permutations)]))
+
+
+def latent_diagnostics(pairs: dict, prefix: str = "eval/") -> dict:
+    """Did z change anything? From ``evaluate(diagnostics=True)``'s per-pair margins:
+
+    * ``pref_accuracy/z_zero``, ``/z_shuffled``, ``/z_posterior``: accuracy with z = 0, with another
+      prompt's prior z (same distribution of z, wrong prompt) and with the posterior's code (an
+      oracle upper bound: the posterior sees which response won);
+    * ``latent/decisions_changed``: the fraction of pairs whose decision flips when z = 0;
+    * ``latent/z_hidden_norm_ratio``: ||z|| over the norm of the hidden state it is added to;
+    * ``latent/inert`` (1.0 when z = 0 flips under 1% of the decisions) and
+      ``latent/prompt_independent`` (1.0 when shuffling z across prompts costs under 1 point).
+    """
+    margin = _numpy(pairs["chosen_rewards"]) - _numpy(pairs["rejected_rewards"])
+    correct = margin > 0
+    out = {}
+    for name in ("z_zero", "z_shuffled", "z_posterior"):
+        key = f"margin/{name}"
+        if key in pairs and len(pairs[key]):
+            out[f"{prefix}pref_accuracy/{name}"] = float((_numpy(pairs[key]) > 0).mean())
+    if "margin/z_zero" in pairs:
+        changed = float(((_numpy(pairs["margin/z_zero"]) > 0) != correct).mean())
+        out[f"{prefix}latent/decisions_changed"] = changed
+        out[f"{prefix}latent/inert"] = float(changed < 0.01)
+    if f"{prefix}pref_accuracy/z_shuffled" in out:
+        gap = float(correct.mean()) - out[f"{prefix}pref_accuracy/z_shuffled"]
+        out[f"{prefix}latent/shuffle_gap"] = gap
+        out[f"{prefix}latent/prompt_independent"] = float(gap < 0.01)
+    if "z_norm" in pairs:
+        out[f"{prefix}latent/z_norm"] = float(_numpy(pairs["z_norm"]).mean())
+        out[f"{prefix}latent/z_hidden_norm_ratio"] = float(_numpy(pairs["z_norm"]).mean() /
+                                                           max(_numpy(pairs["hidden_norm"]).mean(), 1e-12))
+    return out
 
 
 def code_usage(codes, codebook_size: int) -> dict:
@@ -106,9 +140,12 @@ def _save_png_atomic(fig, path: Path) -> Path:
 
 
 def embed_2d(x, method: str = "tsne", seed: int = 0) -> np.ndarray:
-    """2-D coordinates of the rows of ``x``: t-SNE (scikit-learn) or PCA (numpy SVD)."""
+    """2-D coordinates of the rows of ``x``: t-SNE (scikit-learn) or PCA (numpy SVD).
+
+    Rows that are all the same (a prior that puts every prompt on one code) fall back to PCA: scikit-learn's
+    t-SNE divides by their zero spread and crashes the process (a segmentation fault, seen with 1.9.1)."""
     x = np.asarray(x, dtype=float)
-    if method == "tsne" and len(x) >= 5:
+    if method == "tsne" and len(x) >= 5 and float(x.std(0).max()) > 1e-9:
         from sklearn.manifold import TSNE
 
         perplexity = float(min(30.0, (len(x) - 1) / 3))
@@ -180,7 +217,7 @@ def latent_report(pairs: dict, sources: list[str] | None = None, types: list[int
             raise ValueError(f"{name} has {len(seq)} entries but the evaluation has {n} pairs")
     truth = list(types) if types is not None else (list(sources) if sources is not None else None)
     kind = "type" if types is not None else "source"
-    out: dict = {f"{prefix}pref_accuracy": preference_accuracy(cr, rr)}
+    out: dict = {f"{prefix}pref_accuracy": preference_accuracy(cr, rr), **latent_diagnostics(pairs, prefix)}
     if truth is not None:
         for g, acc in accuracy_by_group(cr > rr, truth).items():
             out[f"{prefix}pref_accuracy/{kind}_{g}"] = acc
@@ -188,11 +225,17 @@ def latent_report(pairs: dict, sources: list[str] | None = None, types: list[int
         probs = _numpy(pairs["prior_probs"])
         prior_code = _numpy(pairs["prior_code"]).astype(int)
         usage = code_usage(prior_code, probs.shape[1])
+        prior_entropy = mean_prior_entropy(probs)
         out.update({f"{prefix}code_usage_entropy": usage["entropy"], f"{prefix}code_perplexity": usage["perplexity"],
-                    f"{prefix}codes_used": usage["used"], f"{prefix}prior_entropy": mean_prior_entropy(probs)})
+                    f"{prefix}codes_used": usage["used"], f"{prefix}prior_entropy": prior_entropy,
+                    f"{prefix}latent/prior_entropy_normalized":
+                        prior_entropy / math.log(probs.shape[1]) if probs.shape[1] > 1 else 0.0})
         if truth is not None:
-            out[f"{prefix}nmi"] = nmi(truth, prior_code.tolist())
-            out[f"{prefix}purity"] = purity(truth, prior_code.tolist())
+            codes = prior_code.tolist()
+            out[f"{prefix}nmi"] = nmi(truth, codes)
+            out[f"{prefix}purity"] = purity(truth, codes)
+            out[f"{prefix}nmi_chance"] = chance_baseline(nmi, truth, codes)
+            out[f"{prefix}purity_chance"] = chance_baseline(purity, truth, codes)
             if "posterior_code" in pairs:
                 post = _numpy(pairs["posterior_code"]).astype(int).tolist()
                 out[f"{prefix}posterior_nmi"] = nmi(truth, post)
@@ -215,6 +258,8 @@ def final_analysis(trainer, out_dir: str | Path, embedding: str = "tsne", pairs:
     sources = list(ds["source"]) if "source" in ds.column_names else None
     main = trainer.accelerator.is_main_process
     metrics = latent_report(pairs, sources, types, out_dir if main else None)
+    if "ceiling" in ds.column_names:  # synthetic data: the best achievable accuracy on this eval set
+        metrics["eval/ceiling"] = float(np.mean(ds["ceiling"]))
     if "rating" in ds.column_names:  # mixed preferences: accuracy per labelling rating (the rebuttal's table)
         correct = _numpy(pairs["chosen_rewards"]) > _numpy(pairs["rejected_rewards"])
         for rating, acc in accuracy_by_group(correct, list(ds["rating"])).items():

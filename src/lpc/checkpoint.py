@@ -69,5 +69,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype=
         latent = instantiate(OmegaConf.load(path / LATENT_CONFIG))
         latent.load_state_dict(load_file(str(path / LATENT_WEIGHTS)))
     cfg = OmegaConf.load(path / RUN_CONFIG) if (path / RUN_CONFIG).exists() else None
-    model = PreferenceModel(lm, latent).to(device).eval()
+    model = PreferenceModel(lm, latent, calibrate=False).to(device).eval()  # trained weights: keep them
     return model, tokenizer, cfg

@@ -12,13 +12,13 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from lpc.errors import ConfigError  # noqa: F401  (re-exported: lpc.config.ConfigError)
+
 # Keys that do not change what a run computes: a resumed run may differ in these.
 NON_FINGERPRINT_KEYS = ("logger", "trainer.resume", "trainer.log_every", "trainer.eval_every",
                         "trainer.save_every", "trainer.keep_checkpoints", "paths", "eval")
 
 
-class ConfigError(ValueError):
-    """A config value that is not allowed; the message names the key and what is allowed."""
 
 
 def _require(cond: bool, key: str, allowed: str, value) -> None:
@@ -76,14 +76,35 @@ def validate(cfg: DictConfig) -> None:
     known_latents = ("none", "discrete", "continuous")
     _require(latent.get("name") in known_latents, "latent.name", f"one of {known_latents}", latent.get("name"))
     if latent.name != "none":
-        from lpc.latent import validate_latent_config
-
-        validate_latent_config(latent)
+        _validate_latent(latent)
 
     if cfg.get("eval") is not None and cfg.eval.get("tasks"):
         from lpc.evaluate import check_eval_node
 
         check_eval_node(cfg.eval)  # options, local task names, lm-eval installed
+
+
+def _validate_latent(latent_cfg) -> None:
+    """The latent module's constructor is the one place its options are checked: build it on the meta
+    device (no memory, no weights) with a stand-in hidden size, and turn its complaint into a ConfigError."""
+    import torch
+    from hydra.utils import instantiate
+
+    codebook = latent_cfg.get("codebook_size")
+    if codebook is not None:
+        _require(isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1,
+                 "codebook", "an integer >= 1 (the number of latent codes K)", codebook)
+    for key in ("mix_start", "mix_end", "mix_value"):
+        v = latent_cfg.get(key, 0.0)
+        _require(_is_number(v) and 0.0 <= v <= 1.0, f"latent.{key}", "a number in [0, 1]", v)
+    try:
+        with torch.device("meta"):
+            instantiate(latent_cfg, hidden_size=8)
+    except Exception as err:  # noqa: BLE001 - hydra wraps the constructor's error; report its message
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ConfigError(str(cause)) from None
 
 
 def fingerprint(cfg: DictConfig) -> str:

@@ -9,8 +9,16 @@ passes DPO already makes:
 * ``h_rejected`` (B, d): last-layer state at the last token of (x, y_l) -> posterior q(z | x, y_w > y_l)
 
 ``progress`` in [0, 1] is the fraction of training done; it drives the mixing weight ``g`` that moves
-the training z from the posterior's sample (g = 0) to the prior's (g = 1). Every choice the paper
-left open is a constructor argument; docs/method.md gives the defaults and the reasons.
+the training z from the posterior's sample (g = 0) to the prior's (g = 1), the Gumbel temperature
+annealing and the KL warm-up. Every choice the paper left open is a constructor argument;
+docs/method.md gives the defaults and the measurements behind them.
+
+Why the defaults are not the "small and gentle" ones: z acts only through ``W_lm z``, a per-sequence
+logit offset. Codes drawn at std 0.02 have norm ~0.3 against ~11 for the hidden state they are added
+to, so at the shared learning rate they barely move, every soft Gumbel mixture is nearly the same
+vector, and the prior gets no signal: the latent stays inert (measured: z = 0 changed 0-2 of 256
+decisions). Codes at the hidden state's scale, straight-through one-hot samples and a larger learning
+rate for the latent's parameters make the codes distinct from the first step (docs/benchmark.md).
 """
 from __future__ import annotations
 
@@ -21,11 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lpc.errors import check_choice, require
+
 SCHEDULES = ("linear", "constant", "cosine")
 POSTERIOR_INPUTS = ("concat", "diff", "concat_diff")
 DISCRETE_INFERENCE = ("expectation", "argmax", "sample")
 CONTINUOUS_INFERENCE = ("mean", "sample")
 Z_POSITIONS = ("response", "all")
+CODEBOOK_INITS = ("hidden", "normal")
 
 
 @dataclass
@@ -36,6 +47,7 @@ class LatentOutput:
     prior_probs: torch.Tensor | None = None       # (B, K) discrete only
     posterior_probs: torch.Tensor | None = None   # (B, K) discrete only
     prior_mean: torch.Tensor | None = None        # (B, d) continuous only
+    z_posterior: torch.Tensor | None = None       # (B, d) the posterior's code / mean (diagnostics, prior mode)
 
     def analysis(self) -> dict[str, torch.Tensor]:
         """Per-pair tensors for the latent analysis (code usage, NMI, t-SNE)."""
@@ -65,6 +77,21 @@ def mixing_weight(progress: float, schedule: str, start: float = 0.0, end: float
     raise ValueError(f"latent.mix_schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
+def annealed_temperature(progress: float, start: float, end: float | None) -> float:
+    """Gumbel-softmax tau: exponential decay from ``start`` to ``end`` over training (``end=None``: constant)."""
+    if end is None:
+        return float(start)
+    p = min(max(progress, 0.0), 1.0)
+    return float(start * (end / start) ** p)
+
+
+def kl_warmup_weight(progress: float, kl_weight: float, warmup: float) -> float:
+    """lambda(progress): rises linearly from 0 to ``kl_weight`` over the first ``warmup`` fraction."""
+    if warmup <= 0:
+        return float(kl_weight)
+    return float(kl_weight * min(max(progress / warmup, 0.0), 1.0))
+
+
 def categorical_kl(q_logits: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
     """Exact KL(q || p) over the K codes, per row."""
     log_q, log_p = F.log_softmax(q_logits, -1), F.log_softmax(p_logits, -1)
@@ -82,15 +109,21 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 
 class _LatentBase(nn.Module):
     def __init__(self, hidden_size, kl_weight, posterior_input, head_hidden_size, mix_schedule,
-                 mix_start, mix_end, mix_value, z_positions, name):
+                 mix_start, mix_end, mix_value, z_positions, name, lr_multiplier=1.0, kl_warmup=0.0,
+                 kl_free_bits=0.0):
         super().__init__()
         check_choice("latent.posterior_input", posterior_input, POSTERIOR_INPUTS)
         check_choice("latent.mix_schedule", mix_schedule, SCHEDULES)
         check_choice("latent.z_positions", z_positions, Z_POSITIONS)
-        if kl_weight < 0:
-            raise ValueError(f"latent.kl_weight must be >= 0, got {kl_weight}")
+        require(kl_weight >= 0, "latent.kl_weight", kl_weight, "a number >= 0 (lambda)")
+        require(lr_multiplier > 0, "latent.lr_multiplier", lr_multiplier, "a number > 0")
+        require(0 <= kl_warmup <= 1, "latent.kl_warmup", kl_warmup, "a fraction of training in [0, 1]")
+        require(kl_free_bits >= 0, "latent.kl_free_bits", kl_free_bits, "a number of nats >= 0")
         self.hidden_size, self.kl_weight, self.name = hidden_size, kl_weight, name
         self.posterior_input, self.z_positions = posterior_input, z_positions
+        # Read by the trainer: the optimizer gives the latent's parameters lr x lr_multiplier.
+        self.lr_multiplier = float(lr_multiplier)
+        self.kl_warmup, self.kl_free_bits = float(kl_warmup), float(kl_free_bits)
         self.mix = dict(schedule=mix_schedule, start=mix_start, end=mix_end, value=mix_value)
         self.head_hidden_size = head_hidden_size or hidden_size
         self.posterior_in = {"concat": 2, "diff": 1, "concat_diff": 3}[posterior_input] * hidden_size
@@ -106,6 +139,13 @@ class _LatentBase(nn.Module):
     def g(self, progress: float) -> float:
         return mixing_weight(progress, **self.mix)
 
+    def kl_weight_at(self, progress: float) -> float:
+        """The lambda in force at ``progress`` (after the optional KL warm-up)."""
+        return kl_warmup_weight(progress, self.kl_weight, self.kl_warmup)
+
+    def calibrate(self, hidden_norm: float) -> None:
+        """Called once with the backbone's typical final hidden-state norm (see ``lpc.modeling``)."""
+
     @property
     def dtype(self):
         return next(self.parameters()).dtype
@@ -115,29 +155,47 @@ class DiscreteLatent(_LatentBase):
     """K learned codes e_k in R^d; ``z = w E`` with Gumbel-softmax weights ``w``."""
 
     def __init__(self, hidden_size: int, codebook_size: int = 32, kl_weight: float = 0.05, temperature: float = 1.0,
-                 hard: bool = False, posterior_input: str = "concat", head_hidden_size: int | None = None,
-                 codebook_init_std: float = 0.02, mix_schedule: str = "linear", mix_start: float = 0.0,
+                 temperature_min: float | None = None, hard: bool = True, posterior_input: str = "concat",
+                 head_hidden_size: int | None = None, codebook_init: str = "hidden",
+                 codebook_init_scale: float = 1.0, lr_multiplier: float = 1.0, kl_warmup: float = 0.0,
+                 kl_free_bits: float = 0.0, mix_schedule: str = "linear", mix_start: float = 0.0,
                  mix_end: float = 1.0, mix_value: float = 1.0, inference: str = "expectation",
                  z_positions: str = "response", name: str = "discrete"):
         super().__init__(hidden_size, kl_weight, posterior_input, head_hidden_size, mix_schedule,
-                         mix_start, mix_end, mix_value, z_positions, name)
-        if codebook_size < 1:
-            raise ValueError(f"codebook must be >= 1, got {codebook_size}")
-        if temperature <= 0:
-            raise ValueError(f"latent.temperature must be > 0, got {temperature}")
+                         mix_start, mix_end, mix_value, z_positions, name, lr_multiplier, kl_warmup, kl_free_bits)
+        require(codebook_size >= 1, "codebook", codebook_size, "an integer >= 1 (the number of codes K)")
+        require(temperature > 0, "latent.temperature", temperature, "a number > 0")
+        require(temperature_min is None or temperature_min > 0, "latent.temperature_min", temperature_min,
+                "null (no annealing) or a number > 0")
         check_choice("latent.inference", inference, DISCRETE_INFERENCE)
-        self.codebook_size, self.temperature, self.hard, self.inference = codebook_size, temperature, hard, inference
-        self.codebook = nn.Parameter(torch.randn(codebook_size, hidden_size) * codebook_init_std)
+        check_choice("latent.codebook_init", codebook_init, CODEBOOK_INITS)
+        require(codebook_init_scale >= 0, "latent.codebook_init_scale", codebook_init_scale, "a number >= 0")
+        self.codebook_size, self.hard, self.inference = codebook_size, hard, inference
+        self.temperature, self.temperature_min = float(temperature), temperature_min
+        self.codebook_init, self.codebook_init_scale = codebook_init, float(codebook_init_scale)
+        # "normal": i.i.d. N(0, scale^2) entries; "hidden": rescaled in calibrate() to rows of norm
+        # scale x the hidden state's norm (the draw is the same, only its length changes).
+        std = codebook_init_scale if codebook_init == "normal" else 1.0 / math.sqrt(hidden_size)
+        self.codebook = nn.Parameter(torch.randn(codebook_size, hidden_size) * std)
         self.prior = _mlp(hidden_size, self.head_hidden_size, codebook_size)
         self.posterior = _mlp(self.posterior_in, self.head_hidden_size, codebook_size)
+
+    def calibrate(self, hidden_norm: float) -> None:
+        if self.codebook_init == "hidden":
+            with torch.no_grad():
+                rows = self.codebook.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                self.codebook.mul_(self.codebook_init_scale * hidden_norm / rows)
 
     def code_vector(self, k: int) -> torch.Tensor:
         if not 0 <= k < self.codebook_size:
             raise ValueError(f"code must be in [0, {self.codebook_size - 1}], got {k}")
         return self.codebook[k]
 
-    def _sample(self, logits):
-        return F.gumbel_softmax(logits, tau=self.temperature, hard=self.hard) @ self.codebook
+    def tau(self, progress: float) -> float:
+        return annealed_temperature(progress, self.temperature, self.temperature_min)
+
+    def _sample(self, logits, tau: float):
+        return F.gumbel_softmax(logits, tau=tau, hard=self.hard) @ self.codebook
 
     def prior_z(self, p_logits: torch.Tensor, inference: str | None = None) -> torch.Tensor:
         mode = inference or self.inference
@@ -157,13 +215,22 @@ class DiscreteLatent(_LatentBase):
         q_logits = None
         if h_chosen is not None:
             q_logits = self.posterior(self.combine(h_chosen, h_rejected).to(self.dtype))
+        tau = self.tau(progress)
+        z_post = None
         if mode == "train":
             if q_logits is None:
                 raise ValueError("training needs the posterior's inputs (h_chosen, h_rejected)")
             g = self.g(progress)
-            z = g * self._sample(p_logits) + (1.0 - g) * self._sample(q_logits)
+            # Only the samples that enter z are drawn (g = 0 or 1 at the ends of the schedule).
+            z = 0.0
+            if g > 0:
+                z = z + g * self._sample(p_logits, tau)
+            if g < 1:
+                z = z + (1.0 - g) * self._sample(q_logits, tau)
         elif mode == "prior":
             g, z = 1.0, self.prior_z(p_logits)
+            if q_logits is not None:
+                z_post = self.codebook[q_logits.argmax(-1)]
         else:
             raise ValueError(f"mode must be 'train' or 'prior', got {mode!r}")
         kl = categorical_kl(q_logits, p_logits) if q_logits is not None else torch.zeros_like(p_logits[:, 0])
@@ -171,40 +238,59 @@ class DiscreteLatent(_LatentBase):
         q = q_logits.softmax(-1).detach() if q_logits is not None else p
         usage = q.mean(0)
         usage_entropy = -(usage * usage.clamp_min(1e-12).log()).sum()
+        prior_entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
         metrics = {
             "latent/kl": kl.detach().mean(),
             "latent/g": torch.tensor(g),
-            "latent/prior_entropy": -(p * p.clamp_min(1e-12).log()).sum(-1).mean(),
+            "latent/temperature": torch.tensor(tau),
+            "latent/prior_entropy": prior_entropy,
+            "latent/prior_entropy_normalized": prior_entropy / max(math.log(self.codebook_size), 1e-12),
             "latent/code_usage_entropy": usage_entropy,
             "latent/code_perplexity": usage_entropy.exp(),
             "latent/prior_posterior_agreement": (p.argmax(-1) == q.argmax(-1)).float().mean(),
+            "latent/z_norm": z.detach().norm(dim=-1).mean(),
         }
         return LatentOutput(z=z, kl=kl, metrics=metrics, prior_probs=p,
-                            posterior_probs=q if q_logits is not None else None)
+                            posterior_probs=q if q_logits is not None else None, z_posterior=z_post)
 
 
 class ContinuousLatent(_LatentBase):
     """The rebuttal's continuous ablation: Gaussian prior/posterior heads (mean, log-variance),
-    a reparameterised sample and the analytic Gaussian KL; z is injected like the discrete one."""
+    a reparameterised sample and the analytic Gaussian KL; z is injected like the discrete one.
+
+    The heads describe ``u ~ N(mu, diag(exp(logvar)))`` in units of ``z_scale``, and ``z = z_scale * u``
+    with ``z_scale = mean_scale x hidden_norm / sqrt(d)`` (set by ``calibrate``): a u of unit RMS per
+    coordinate is a z of mean_scale x the hidden state's norm. The KL, invariant to that common scale,
+    is computed on u. The mean heads start at zero (z starts at 0) with log-variance ``init_logvar``.
+    A tiny initial variance (the former -8) made KL(q||p) = 0.5 e^8 |mu_q - mu_p|^2 at the start, so the
+    posterior could carry nothing and z stayed at 0 (measured: z / hidden norm 0.001, no decision changed)."""
 
     def __init__(self, hidden_size: int, kl_weight: float = 0.05, posterior_input: str = "concat",
-                 head_hidden_size: int | None = None, init_logvar: float = -8.0, mix_schedule: str = "linear",
-                 mix_start: float = 0.0, mix_end: float = 1.0, mix_value: float = 1.0, inference: str = "mean",
-                 z_positions: str = "response", name: str = "continuous", **_unused):
+                 head_hidden_size: int | None = None, init_logvar: float = 0.0, mean_scale: float = 1.0,
+                 lr_multiplier: float = 1.0, kl_warmup: float = 0.0, kl_free_bits: float = 0.0,
+                 mix_schedule: str = "linear", mix_start: float = 0.0, mix_end: float = 1.0,
+                 mix_value: float = 1.0, inference: str = "mean", z_positions: str = "response",
+                 name: str = "continuous"):
         super().__init__(hidden_size, kl_weight, posterior_input, head_hidden_size, mix_schedule,
-                         mix_start, mix_end, mix_value, z_positions, name)
+                         mix_start, mix_end, mix_value, z_positions, name, lr_multiplier, kl_warmup, kl_free_bits)
         check_choice("latent.inference", inference, CONTINUOUS_INFERENCE)
-        self.inference = inference
+        require(mean_scale > 0, "latent.mean_scale", mean_scale, "a number > 0")
+        self.inference, self.mean_scale = inference, float(mean_scale)
+        # Not a parameter: z's unit, fixed by calibrate() (saved with the weights).
+        self.register_buffer("z_scale", torch.tensor(1.0))
         self.prior = _mlp(hidden_size, self.head_hidden_size, 2 * hidden_size)
         self.posterior = _mlp(self.posterior_in, self.head_hidden_size, 2 * hidden_size)
         for head in (self.prior, self.posterior):
-            # Start near z = 0 with tiny variance, so the initial policy equals the reference.
             nn.init.zeros_(head[-1].weight)
             with torch.no_grad():
                 head[-1].bias.zero_()
                 head[-1].bias[hidden_size:] = init_logvar
 
+    def calibrate(self, hidden_norm: float) -> None:
+        self.z_scale.fill_(self.mean_scale * hidden_norm / math.sqrt(self.hidden_size))
+
     def _params(self, head, x):
+        """(mu, logvar) of u, the latent in units of z_scale."""
         mu, logvar = head(x.to(self.dtype)).chunk(2, -1)
         return mu, logvar.clamp(-20.0, 10.0)
 
@@ -214,52 +300,26 @@ class ContinuousLatent(_LatentBase):
 
     def prior_z(self, h_prompt, inference: str | None = None):
         mu, logvar = self._params(self.prior, h_prompt)
-        return mu if (inference or self.inference) == "mean" else self._sample(mu, logvar)
+        return self.z_scale * (mu if (inference or self.inference) == "mean" else self._sample(mu, logvar))
 
     def forward(self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train") -> LatentOutput:
         mu_p, lv_p = self._params(self.prior, h_prompt)
         post = self._params(self.posterior, self.combine(h_chosen, h_rejected)) if h_chosen is not None else None
+        z_post = None
         if mode == "train":
             if post is None:
                 raise ValueError("training needs the posterior's inputs (h_chosen, h_rejected)")
             g = self.g(progress)
-            z = g * self._sample(mu_p, lv_p) + (1.0 - g) * self._sample(*post)
+            u = g * self._sample(mu_p, lv_p) + (1.0 - g) * self._sample(*post)
         elif mode == "prior":
             g = 1.0
-            z = mu_p if self.inference == "mean" else self._sample(mu_p, lv_p)
+            u = mu_p if self.inference == "mean" else self._sample(mu_p, lv_p)
+            z_post = self.z_scale * post[0] if post is not None else None
         else:
             raise ValueError(f"mode must be 'train' or 'prior', got {mode!r}")
+        z = self.z_scale * u
         kl = gaussian_kl(*post, mu_p, lv_p) if post is not None else torch.zeros_like(mu_p[:, 0])
         metrics = {"latent/kl": kl.detach().mean(), "latent/g": torch.tensor(g),
                    "latent/prior_std": (0.5 * lv_p.detach()).exp().mean(),
                    "latent/z_norm": z.detach().norm(dim=-1).mean()}
-        return LatentOutput(z=z, kl=kl, metrics=metrics, prior_mean=mu_p)
-
-
-def check_choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not allowed: one of {tuple(allowed)}")
-
-
-def validate_latent_config(latent_cfg) -> None:
-    """Config-time checks (before any model loads); raises ``lpc.config.ConfigError``."""
-    from lpc.config import ConfigError
-
-    try:
-        if latent_cfg.get("kl_weight", 0) < 0:
-            raise ValueError(f"latent.kl_weight={latent_cfg.kl_weight} is not allowed: a number >= 0 (lambda)")
-        if "temperature" in latent_cfg and not latent_cfg.temperature > 0:
-            raise ValueError(f"latent.temperature={latent_cfg.temperature} is not allowed: a number > 0")
-        if "codebook_size" in latent_cfg and not (isinstance(latent_cfg.codebook_size, int) and latent_cfg.codebook_size >= 1):
-            raise ValueError(f"codebook={latent_cfg.codebook_size} is not allowed: an integer >= 1")
-        check_choice("latent.mix_schedule", latent_cfg.get("mix_schedule", "linear"), SCHEDULES)
-        check_choice("latent.posterior_input", latent_cfg.get("posterior_input", "concat"), POSTERIOR_INPUTS)
-        check_choice("latent.z_positions", latent_cfg.get("z_positions", "response"), Z_POSITIONS)
-        allowed = DISCRETE_INFERENCE if latent_cfg.name == "discrete" else CONTINUOUS_INFERENCE
-        check_choice("latent.inference", latent_cfg.get("inference", allowed[0]), allowed)
-        for key in ("mix_start", "mix_end", "mix_value"):
-            v = latent_cfg.get(key, 0.0)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"latent.{key}={v} is not allowed: a number in [0, 1]")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+        return LatentOutput(z=z, kl=kl, metrics=metrics, prior_mean=self.z_scale * mu_p, z_posterior=z_post)

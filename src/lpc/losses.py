@@ -75,12 +75,17 @@ def ipo_loss(
     return LossOutput(losses, chosen_rewards, rejected_rewards)
 
 
-def lpc_objective(losses_given_z: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+def lpc_objective(losses_given_z: torch.Tensor, kl: torch.Tensor, kl_weight: float,
+                  free_bits: float = 0.0) -> torch.Tensor:
     """The LPC rule (paper Sec. 3.4): an objective ``-log f(x, y_w, y_l)`` becomes
     ``-(E_{z~q} log f(x, y_w, y_l, z) - lambda KL(q||p))``.
 
     ``losses_given_z`` is the baseline loss evaluated with the z-conditioned policy
-    (one reparameterised sample of z per pair estimates the expectation)."""
+    (one reparameterised sample of z per pair estimates the expectation). ``free_bits`` (nats, 0 = the
+    paper's objective) charges no KL below that level per pair (Kingma et al. 2016), so the posterior
+    is not pulled onto the prior before the codes mean anything."""
+    if free_bits > 0:
+        kl = kl.clamp_min(free_bits)
     return losses_given_z + kl_weight * kl
 
 

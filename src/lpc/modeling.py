@@ -61,25 +61,49 @@ def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
+def expected_hidden_norm(lm: nn.Module) -> float:
+    """The typical norm of the final hidden state, known without data: the backbone ends in an
+    RMSNorm/LayerNorm whose output is ``w * x_hat`` with ``x_hat`` of unit RMS, so its norm is about
+    ``||w||_2`` (sqrt(d) for the initial w = 1). The tiny model measures 11.7 against sqrt(128) = 11.3.
+    Deterministic (no batch), so every DDP rank calibrates the latent identically."""
+    norm = getattr(backbone_of(lm), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.numel() == lm.config.hidden_size:
+        return float(weight.detach().float().norm())
+    return float(lm.config.hidden_size) ** 0.5
+
+
 class PreferenceModel(nn.Module):
     """``lm`` is any ``*ForCausalLM``; ``latent`` is None (baseline) or an LPC latent module."""
 
-    def __init__(self, lm: nn.Module, latent: nn.Module | None = None):
+    def __init__(self, lm: nn.Module, latent: nn.Module | None = None, calibrate: bool = True):
+        """``calibrate``: scale a freshly built latent to the backbone's hidden-state norm (a loaded
+        checkpoint overwrites the result, so it is harmless there too)."""
         super().__init__()
         self.lm = lm
         self.latent = latent
+        if latent is not None and calibrate:
+            latent.calibrate(expected_hidden_norm(lm))
+
+    def latent_inputs(self, hidden: torch.Tensor, batch: dict):
+        """``(h_prompt, h_chosen, h_rejected)`` from the stacked (chosen; rejected) hidden states."""
+        half = hidden.shape[0] // 2
+        h_prompt = gather_rows(hidden, batch["prompt_last"])[:half]   # same in both halves (causal attention)
+        h_last = gather_rows(hidden, batch["seq_last"])
+        return h_prompt, h_last[:half], h_last[half:]
+
+    def score(self, hidden: torch.Tensor, batch: dict, z: torch.Tensor | None):
+        """Response log-probs given one z per pair (``(B, d)``, shared by y_w and y_l) or none."""
+        if z is not None:
+            z = torch.cat([z, z])
+        return response_logps(self.lm, hidden, batch, z, getattr(self.latent, "z_positions", "response"))
 
     def forward(self, batch: dict, progress: float = 0.0, latent_mode: str = "train") -> PolicyOutput:
         hidden = hidden_states(self.lm, batch)
-        latent_out, z = None, None
+        latent_out = None
         if self.latent is not None:
-            half = hidden.shape[0] // 2
-            h_prompt = gather_rows(hidden, batch["prompt_last"])[:half]   # same in both halves (causal attention)
-            h_last = gather_rows(hidden, batch["seq_last"])
-            latent_out = self.latent(h_prompt, h_last[:half], h_last[half:], progress=progress, mode=latent_mode)
-            z = torch.cat([latent_out.z, latent_out.z])                  # the same z for y_w and y_l
-        z_positions = getattr(self.latent, "z_positions", "response")
-        logps, counts = response_logps(self.lm, hidden, batch, z, z_positions)
+            latent_out = self.latent(*self.latent_inputs(hidden, batch), progress=progress, mode=latent_mode)
+        logps, counts = self.score(hidden, batch, latent_out.z if latent_out is not None else None)
         return PolicyOutput(logps, counts, latent_out)
 
 

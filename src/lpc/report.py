@@ -17,7 +17,6 @@ import csv
 import io
 import itertools
 import json
-import math
 import os
 import re
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from lpc.stats import summarize
 from lpc.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +45,12 @@ METRICS = {
     # per annotator type of the synthetic data (the mixed-preference experiment's two directions at scale=cpu)
     "pref_accuracy_type_0": ("Preference accuracy, annotator type 0 (%)", ["eval/pref_accuracy/type_0"], 100.0),
     "pref_accuracy_type_1": ("Preference accuracy, annotator type 1 (%)", ["eval/pref_accuracy/type_1"], 100.0),
+    # did the latent act? (lpc.analysis.latent_diagnostics; LPC runs only)
+    "pref_accuracy_z_shuffled": ("Preference accuracy with z shuffled across prompts (%)",
+                                 ["eval/pref_accuracy/z_shuffled"], 100.0),
+    "decisions_changed": ("Decisions flipped by z = 0 (%)", ["eval/latent/decisions_changed"], 100.0),
+    "codes_used": ("Codes used by the prior's argmax (of K)", ["eval/codes_used"], 1.0),
+    "code_perplexity": ("Code perplexity (effective number of codes)", ["eval/code_perplexity"], 1.0),
     # per labelling rating of UltraFeedback mixed-preference pairs (data.rating=mixed)
     **{f"pref_accuracy_rating_{r}": (f"Preference accuracy, pairs labelled by {r} (%)",
                                      [f"eval/pref_accuracy/rating_{r}"], 100.0)
@@ -184,11 +190,9 @@ def metric_value(metrics: dict, name: str) -> float | None:
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None, int]:
-    """Mean, sample standard deviation (n-1; None for one value) and n."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return mean, std, n
+    """Mean, sample standard deviation (n-1; None for one value) and n (``lpc.stats.summarize``)."""
+    s = summarize(values)
+    return s.mean, s.std, s.n
 
 
 def aggregate(sweep: dict) -> dict:
@@ -344,6 +348,29 @@ def plot_curve(sweep: dict, cells: dict, paper: dict, x_key: str, path: Path) ->
     return True
 
 
+def latent_section(sweep: dict) -> str:
+    """LPC runs whose latent did nothing: z = 0 flips under 1% of the decisions (inert), or shuffling
+    z across prompts costs under 1 point (z does not depend on the prompt)."""
+    flagged = []
+    for r in sweep["runs"]:
+        m = r.get("metrics") or {}
+        if r["status"] != "completed" or "eval/latent/inert" not in m:
+            continue
+        why = []
+        if m["eval/latent/inert"]:
+            why.append(f"inert: z = 0 flips {100 * m['eval/latent/decisions_changed']:.1f}% of decisions")
+        if m.get("eval/latent/prompt_independent"):
+            why.append(f"prompt-independent: shuffling z costs {100 * m['eval/latent/shuffle_gap']:.1f} points")
+        if why:
+            flagged.append(f"- `{r['dir'].name}`: " + "; ".join(why))
+    lpc_runs = sum(1 for r in sweep["runs"] if "eval/latent/inert" in (r.get("metrics") or {}))
+    if not lpc_runs:
+        return ""
+    head = ["## Did the latent act?", "",
+            f"{len(flagged)} of {lpc_runs} LPC runs flagged (docs/benchmark.md: reading the z ablations).", ""]
+    return "\n".join(head + flagged + ([""] if flagged else []))
+
+
 def status_section(sweep: dict) -> str:
     runs = sweep["runs"]
     bad = [r for r in runs if r["status"] != "completed"]
@@ -394,6 +421,9 @@ def write_report(sweep_dir: str | Path, paper_path: Path = PAPER_NUMBERS) -> dic
     if notes:
         md += ["Published statements:", ""] + [f"- {n}" for n in notes] + [""]
     md += [f"![{p}]({p})" for p in pngs] + ([""] if pngs else [])
+    latent = latent_section(sweep)
+    if latent:
+        md.append(latent)
     md.append(status_section(sweep))
     atomic_write_text(sweep_dir / "report.md", "\n".join(md))
     buf = io.StringIO()

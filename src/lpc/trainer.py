@@ -71,7 +71,7 @@ class PreferenceTrainer:
 
         if c.gradient_checkpointing:
             model.lm.gradient_checkpointing_enable()
-        optimizer = optimizer_factory(params=[p for p in model.parameters() if p.requires_grad])
+        optimizer = optimizer_factory(params=self.param_groups(model, c.lr))
         from transformers import get_scheduler
         warmup = c.warmup_steps if c.warmup_steps >= 0 else math.ceil(c.warmup_ratio * self.total_steps)
         # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
@@ -89,6 +89,18 @@ class PreferenceTrainer:
         # Called as hook(trainer, pairs) -> dict after the final evaluation (pairs: its per-pair outputs),
         # while a W&B run is still open; their metrics join the final ones (lpc.analysis.final_analysis).
         self.final_hooks: list = []
+
+    @staticmethod
+    def param_groups(model: PreferenceModel, lr: float) -> list[dict]:
+        """The LM's parameters at ``lr``; the latent module's at ``lr x latent.lr_multiplier`` (its
+        codes and heads start from scratch while the LM is pretrained, see docs/method.md)."""
+        latent_ids = {id(p) for p in model.latent.parameters()} if model.latent is not None else set()
+        lm = [p for p in model.parameters() if p.requires_grad and id(p) not in latent_ids]
+        groups = [{"params": lm}]
+        if model.latent is not None:
+            lat = [p for p in model.latent.parameters() if p.requires_grad]
+            groups.append({"params": lat, "lr": lr * model.latent.lr_multiplier})
+        return groups
 
     # ------------------------------------------------------------------ data
     def _micro_batches(self, step: int):
@@ -116,23 +128,28 @@ class PreferenceTrainer:
         with torch.no_grad(), self.accelerator.autocast():
             return response_logps(self.ref_model, hidden_states(self.ref_model, batch), batch)
 
+    def _algo_output(self, logps, n_tokens, ref):
+        """The algorithm's per-pair losses and implicit rewards from stacked (chosen; rejected) log-probs."""
+        half = logps.shape[0] // 2
+        pol = logps / n_tokens if self.algo.average_logps else logps
+        if ref is not None:
+            ref = ref[0] / ref[1] if self.algo.average_logps else ref[0]
+            return self.algo(pol[:half], pol[half:], ref[:half], ref[half:])
+        return self.algo(pol[:half], pol[half:])
+
     def compute_loss(self, batch, progress: float, latent_mode: str = "train"):
         """Loss and TRL-named metrics for one micro-batch; also per-pair rewards for evaluation."""
         out = self.model(batch, progress=progress, latent_mode=latent_mode)
         half = out.logps.shape[0] // 2
-        pol = out.logps / out.n_tokens if self.algo.average_logps else out.logps
-        ref = self._reference_logps(batch)
-        if ref is not None:
-            ref = ref[0] / ref[1] if self.algo.average_logps else ref[0]
-            res = self.algo(pol[:half], pol[half:], ref[:half], ref[half:])
-        else:
-            res = self.algo(pol[:half], pol[half:])
+        res = self._algo_output(out.logps, out.n_tokens, self._reference_logps(batch))
         losses = res.losses
         metrics = {}
         if out.latent is not None:
             latent = self.accelerator.unwrap_model(self.model).latent
-            losses = lpc_objective(losses, out.latent.kl, latent.kl_weight)
+            weight = latent.kl_weight_at(progress)
+            losses = lpc_objective(losses, out.latent.kl, weight, latent.kl_free_bits)
             metrics.update({k: v.detach() for k, v in out.latent.metrics.items()})
+            metrics["latent/kl_weight"] = torch.tensor(weight)
         cr, rr = res.chosen_rewards.detach(), res.rejected_rewards.detach()
         metrics.update({
             "loss": losses.mean().detach(),
@@ -144,13 +161,18 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, dataset=None, return_pairs: bool = False):
-        """Held-out preference accuracy with the algorithm's implicit reward (for LPC, z from the prior)."""
+    def evaluate(self, dataset=None, return_pairs: bool = False, diagnostics: bool = False):
+        """Held-out preference accuracy with the algorithm's implicit reward (for LPC, z from the prior).
+
+        ``diagnostics`` (LPC only; the final evaluation sets it) also scores every pair with z = 0, with
+        the prior's z of another prompt (a fixed permutation of the eval set, so z keeps its
+        distribution) and with the posterior's code (an oracle: it sees which response won), which
+        says whether the latent changed anything (``lpc.analysis.latent_diagnostics``)."""
         dataset = dataset if dataset is not None else self.eval_dataset
         self.model.eval()
         # Evaluation must not move the training RNG (sampled z), or resumed runs would diverge.
         with torch.random.fork_rng(devices=[]):
-            cr_all, rr_all, loss_sum, n, extra = [], [], 0.0, 0, {}
+            cr_all, rr_all, loss_sum, n, extra, z_prior = [], [], 0.0, 0, {}, []
             loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=self.collate)
             for batch in loader:
                 batch = self._to_device(batch)
@@ -158,11 +180,16 @@ class PreferenceTrainer:
                 cr_all.append(cr.float().cpu()), rr_all.append(rr.float().cpu())
                 loss_sum += loss.item() * cr.shape[0]
                 n += cr.shape[0]
-                if lat is not None and return_pairs:
-                    for k, v in lat.analysis().items():
-                        extra.setdefault(k, []).append(v.float().cpu())
+                if lat is not None:
+                    z_prior.append(lat.z.detach().float().cpu())
+                    if return_pairs:
+                        for k, v in lat.analysis().items():
+                            extra.setdefault(k, []).append(v.float().cpu())
+            cr, rr = torch.cat(cr_all), torch.cat(rr_all)
+            ablations = {}
+            if diagnostics and z_prior:
+                ablations = self._latent_ablations(loader, torch.cat(z_prior))
         self.model.train()
-        cr, rr = torch.cat(cr_all), torch.cat(rr_all)
         metrics = {
             "eval/pref_accuracy": (cr > rr).float().mean().item(),
             "eval/margin": (cr - rr).mean().item(),
@@ -171,9 +198,38 @@ class PreferenceTrainer:
             "eval/rewards/rejected": rr.mean().item(),
         }
         if return_pairs:
-            pairs = {"chosen_rewards": cr, "rejected_rewards": rr, **{k: torch.cat(v) for k, v in extra.items()}}
+            pairs = {"chosen_rewards": cr, "rejected_rewards": rr, **{k: torch.cat(v) for k, v in extra.items()},
+                     **ablations}
             return metrics, pairs
         return metrics
+
+    def _latent_ablations(self, loader, z_prior: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-pair margins (chosen - rejected reward) of the same policy with z replaced: ``z_zero``,
+        ``z_shuffled`` (row i gets the prior's z of row perm[i]) and ``z_posterior``; plus the norms
+        of z and of the hidden states it is added to. One more backbone pass over the eval set."""
+        model = self.accelerator.unwrap_model(self.model)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        perm = torch.randperm(len(z_prior), generator=g)
+        out: dict[str, list] = {}
+        row = 0
+        for batch in loader:
+            batch = self._to_device(batch)
+            hidden = hidden_states(model.lm, batch)
+            h_prompt, h_w, h_l = model.latent_inputs(hidden, batch)
+            lat = model.latent(h_prompt, h_w, h_l, progress=1.0, mode="prior")
+            ref = self._reference_logps(batch)
+            b = h_prompt.shape[0]
+            idx = perm[row:row + b]
+            row += b
+            zs = {"z_zero": torch.zeros_like(lat.z),
+                  "z_shuffled": z_prior[idx].to(device=lat.z.device, dtype=lat.z.dtype),
+                  "z_posterior": lat.z_posterior}
+            for name, z in zs.items():
+                res = self._algo_output(*model.score(hidden, batch, z), ref)
+                out.setdefault(f"margin/{name}", []).append((res.chosen_rewards - res.rejected_rewards).float().cpu())
+            out.setdefault("z_norm", []).append(lat.z.float().norm(dim=-1).cpu())
+            out.setdefault("hidden_norm", []).append(torch.cat([h_w, h_l]).float().norm(dim=-1).view(2, -1).mean(0).cpu())
+        return {k: torch.cat(v) for k, v in out.items()}
 
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
@@ -301,7 +357,7 @@ class PreferenceTrainer:
                 self.save_checkpoint()
                 preemption.release()  # submitit requeues the job and exits; the requeued job resumes here
         bar.close()
-        final, pairs = self.evaluate(return_pairs=True)
+        final, pairs = self.evaluate(return_pairs=True, diagnostics=True)
         self._log(final)
         final.update({
             "train/steps": self.step,

@@ -11,15 +11,20 @@ angles are spread evenly over ``[0, conflict * pi]``. So ``conflict=0`` makes al
 types identical, ``conflict=0.5`` makes the first and last type orthogonal and
 ``conflict=1`` makes them opposite (they disagree on every pair).
 
-Every pair is labelled by one type. The prompt carries the type's source tag
-(``[source_m]``) with probability ``visibility`` (``always`` = 1, ``sometimes`` =
-0.5, ``never`` = 0), so a model may or may not be able to infer the type from the
-prompt alone. Optional Bradley-Terry noise: ``P(y1 > y2) = sigmoid((r1 - r2) / label_noise)``.
+Every pair is labelled by one type. The prompt carries a source tag (``[source_m]``) with
+probability ``visibility`` (``always`` = 1, ``sometimes`` = 0.5, ``never`` = 0), so a model may or may
+not be able to infer the type from the prompt alone. A shown tag names the true type with probability
+``tag_accuracy`` (default 1) and another type otherwise, so the prompt can be made a weak clue while
+the preference itself still identifies the type. Optional Bradley-Terry noise:
+``P(y1 > y2) = sigmoid((r1 - r2) / label_noise)``.
 
 Rows have the same columns as the UltraFeedback pairs (``prompt``, ``chosen``,
-``rejected``, ``source``) plus the ground truth: ``type``, the reward margin ``|r_m(y1) - r_m(y2)|``
-and ``noisy_label`` (the Bradley-Terry draw went against the type's own reward). Rewards lie in
-[-1, 1] and margins are mostly 0.05-0.5, so ``label_noise=0.1`` flips about 20% of the labels.
+``rejected``, ``source``) plus the ground truth: ``type``, the reward margin ``|r_m(y1) - r_m(y2)|``,
+``noisy_label`` (the Bradley-Terry draw went against the type's own reward) and ``ceiling``: the
+probability that the best possible predictor, which knows the generator and sees the prompt and both
+responses but not the type, ranks the pair as labelled (Bayes' rule over the types; its mean over
+an eval set is the best achievable preference accuracy). ``docs/benchmark.md`` measures the label
+noise rate (``python -m lpc.data.synthetic``).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ FEATURES = datasets.Features({
     "prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
     "rejected": datasets.Value("string"), "source": datasets.Value("string"),
     "type": datasets.Value("int64"), "margin": datasets.Value("float64"), "noisy_label": datasets.Value("bool"),
+    "ceiling": datasets.Value("float64"),
 })
 
 
@@ -93,6 +99,7 @@ class SyntheticPreferences:
     conflict: float = 0.5
     visibility: str | float = "always"
     label_noise: float = 0.0
+    tag_accuracy: float = 1.0
     min_margin: float = 0.05
     min_words: int = 6
     max_words: int = 12
@@ -105,6 +112,8 @@ class SyntheticPreferences:
             raise ValueError(f"data.n_types must be >= 1, got {self.n_types}")
         if not 0.0 <= float(self.conflict) <= 1.0:
             raise ValueError(f"data.conflict must be in [0, 1], got {self.conflict}")
+        if not 0.0 <= float(self.tag_accuracy) <= 1.0:
+            raise ValueError(f"data.tag_accuracy must be in [0, 1], got {self.tag_accuracy}")
         if self.label_noise < 0:
             raise ValueError(f"data.label_noise must be >= 0, got {self.label_noise}")
         if not 1 <= self.min_words <= self.max_words:
@@ -133,11 +142,39 @@ class SyntheticPreferences:
                 words.append(rng.choice(FILLER))
         return words
 
+    def _p_first(self, margin: float) -> float:
+        """P(the label says y1 > y2) for a type whose reward margin r(y1) - r(y2) is ``margin``."""
+        if self.label_noise > 0:
+            return 1.0 / (1.0 + math.exp(-margin / self.label_noise))
+        return 1.0 if margin > 0 else 0.0 if margin < 0 else 0.5
+
+    def _ceiling(self, tag_type: int | None, y1: list[str], y2: list[str], first_wins: bool) -> float:
+        """P(the Bayes-optimal guess from (prompt, y1, y2) matches the label): the type posterior is the
+        tag's likelihood times whether the type's margin passes ``min_margin`` (pairs are redrawn until
+        the labelling type's does)."""
+        margins = [reward(y1, w) - reward(y2, w) for w in self.weights]
+        post = []
+        for m, d in enumerate(margins):
+            if tag_type is None or self.n_types == 1:
+                prior = 1.0
+            else:
+                prior = self.tag_accuracy if m == tag_type else (1.0 - self.tag_accuracy) / (self.n_types - 1)
+            post.append(prior * (abs(d) >= self.min_margin))
+        total = sum(post)
+        p_first = sum(w * self._p_first(d) for w, d in zip(post, margins)) / total
+        # The optimal guess is the likelier order; it is right with that order's probability.
+        return max(p_first, 1.0 - p_first)
+
     def _pair(self, rng: random.Random) -> dict:
         m = rng.randrange(self.n_types)
         topic = rng.choice(TOPICS)
         verb = rng.choice(VERBS)
-        tag = f"[{self.sources[m]}] " if rng.random() < self.p_visible else ""
+        tag_type = None
+        if rng.random() < self.p_visible:
+            tag_type = m
+            if self.n_types > 1 and self.tag_accuracy < 1.0 and rng.random() >= self.tag_accuracy:
+                tag_type = rng.choice([t for t in range(self.n_types) if t != m])
+        tag = f"[{self.sources[tag_type]}] " if tag_type is not None else ""
         prompt = f"{tag}Please {verb} {topic}."
         while True:
             y1, y2 = self._response(rng, topic), self._response(rng, topic)
@@ -145,7 +182,7 @@ class SyntheticPreferences:
             if abs(margin) >= self.min_margin:
                 break
         if self.label_noise > 0:
-            first_wins = rng.random() < 1.0 / (1.0 + math.exp(-margin / self.label_noise))
+            first_wins = rng.random() < self._p_first(margin)
         else:
             first_wins = margin > 0
         chosen, rejected = (y1, y2) if first_wins else (y2, y1)
@@ -157,6 +194,7 @@ class SyntheticPreferences:
             "type": m,
             "margin": abs(margin),
             "noisy_label": first_wins != (margin > 0),
+            "ceiling": self._ceiling(tag_type, y1, y2, first_wins),
         }
 
     def generate(self, n: int, seed: int) -> datasets.Dataset:
@@ -172,6 +210,12 @@ class SyntheticPreferences:
             "train": self.generate(self.n_train, seed=self.seed * 2 + 1),
             "eval": self.generate(self.n_eval, seed=self.seed * 2 + 2),
         })
+
+
+def type_rewards(text: str, n_types: int, conflict: float) -> list[float]:
+    """Every type's ground-truth reward of a (generated) response."""
+    words = text.split()
+    return [reward(words, w) for w in type_weights(n_types, conflict)]
 
 
 def tokenizer_corpus() -> list[str]:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from lpc.evaluation import require_lm_eval
 from lpc.data import encode_prompt
 from lpc.evaluation.policy import last_hidden, left_pad, prompt_prior_z, prior_z
-from lpc.latent import CONTINUOUS_INFERENCE, DISCRETE_INFERENCE, check_choice
+from lpc.errors import check_choice
+from lpc.latent import CONTINUOUS_INFERENCE, DISCRETE_INFERENCE
 from lpc.modeling import conditioned_on
 
 require_lm_eval()
