@@ -62,3 +62,16 @@ def tiny_lpc_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny_lpc")
     run_train(FAST + ["latent=discrete", "codebook=8"], run_dir)
     return run_dir
+
+
+# The synthetic benchmark's headline setting (docs/benchmark.md): two opposite annotator types whose
+# source tag the prompt shows, where the latent has something to offer; 600 steps, seed 0.
+ACTING = ["experiment=synthetic_benchmark", "data.conflict=1.0", "data.visibility=always", "latent=discrete"]
+
+
+@pytest.fixture(scope="session")
+def tiny_lpc_acting_run(tmp_path_factory) -> Path:
+    """An LPC-DPO run (K=32, the defaults) where z should act; ~50 s."""
+    run_dir = tmp_path_factory.mktemp("tiny_lpc_acting")
+    run_train(ACTING, run_dir)
+    return run_dir
