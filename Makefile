@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE      ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install train test bench
+.PHONY: install train test test-fast lint format bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
@@ -23,15 +23,27 @@ train: install
 test: install
 	WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
 
+# The quick tier (no multi-process, SLURM or slow tests): a few minutes. `make test` stays the full suite.
+test-fast: install
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow and not slurm and not distributed" $(PYTEST_ARGS)
+
+# ruff (configured in pyproject.toml): lint and formatting check; `make format` rewrites.
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+format: install
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
 # Step time / peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed reference
-# (benchmarks/bench.py); writes docs/benchmarks.md. TRL is installed only here (the bench extra).
+# (benchmarks/speed.py); writes docs/speed.md. TRL is installed only here (the bench extra).
 BENCH_ARGS ?= --steps 20 --warmup 3 --models tiny,smollm2
 bench: install
 	$(PIP) install -q -c constraints-cpu.txt -e '.[bench]'
-	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/speed.py $(BENCH_ARGS)
 
-# The synthetic benchmark (docs/benchmark.md): DPO vs LPC-DPO over 10 seeds in five data settings, plus
-# ablations of the latent's defaults in the headline setting, then the tables (python -m lpc.benchmark).
+# The synthetic benchmark (docs/synthetic-benchmark.md): DPO vs LPC-DPO over 10 seeds in five data settings, plus
+# ablations of the latent's defaults in the headline setting, then the tables (python -m lpc.experiments.synthetic).
 # 130 runs of ~35 s of training; two sweeps at a time with 1 thread per run: ~45 min on 2 cores. A rerun
 # resumes finished runs from their final checkpoint. The tables land in $(SYNTH_DIR)/benchmark.md.
 SYNTH_DIR ?= outputs/benchmark/synthetic
@@ -42,7 +54,7 @@ HEADLINE  := data.conflict=1.0 data.visibility=always
 BOTH      := a=$$!; wait $$a; ra=$$?; wait $$b; rb=$$?; test $$ra -eq 0 -a $$rb -eq 0
 .PHONY: benchmark-synthetic synthetic-main synthetic-noise synthetic-weak-ablation
 benchmark-synthetic: synthetic-main synthetic-noise synthetic-weak-ablation
-	$(PY) -m lpc.benchmark $(SYNTH_DIR) --command "make benchmark-synthetic"
+	$(PY) -m lpc.experiments.synthetic $(SYNTH_DIR) --command "make benchmark-synthetic"
 synthetic-main: install
 	$(SYNTH) $(HEADLINE) latent=none,discrete,continuous hydra.sweep.dir=$(SYNTH_DIR)/conflict1-visible & b=$$!; \
 	$(SYNTH) data.conflict=0.0 data.visibility=always latent=none,discrete \
@@ -66,7 +78,7 @@ synthetic-weak-ablation: install
 # ARGS=extra overrides (e.g. hydra.launcher.partition=gpu). A rerun only runs the missing/failed runs.
 SCALE    ?= cpu
 LAUNCHER ?= local
-SWEEP    := $(PY) -m lpc.sweep scale=$(SCALE) launcher=$(LAUNCHER)
+SWEEP    := $(PY) -m lpc.experiments.sweep scale=$(SCALE) launcher=$(LAUNCHER)
 # Table 1's downstream benchmarks: lm-eval after each run (hub tasks at paper scale, the local tasks on CPU).
 TABLE1_EVAL ?= $(if $(filter paper,$(SCALE)),paper,local)
 .PHONY: reproduce-table1 reproduce-table2 reproduce-codebook reproduce-noise reproduce-continuous reproduce-mixed reproduce-all

@@ -1,36 +1,13 @@
-"""Train DPO, SimPO or IPO, with or without Latent Preference Coding. See `python src/train.py --help`."""
-import logging
-import os
+"""Train DPO, SimPO or IPO, with or without Latent Preference Coding: ``python src/train.py --help``.
+
+The same command as the installed ``lpc-train`` (``lpc.train``), runnable from a source checkout."""
+
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # import lpc from this checkout
 
-log = logging.getLogger("lpc.train")
-# Sweep jobs started by submitit (hydra/launcher=submitit_local|slurm) unpickle main() in a new Python
-# that inherits this environment: let it import lpc from src/ even when the package is not pip-installed.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
-                                                         os.environ.get("PYTHONPATH")]))
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    from lpc.config import ConfigError, validate
-
-    try:
-        validate(cfg)  # before any model or data is loaded
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        sys.exit(2)
-
-    from lpc.run import run
-
-    metrics = run(cfg, HydraConfig.get().runtime.output_dir)
-    print(f"eval/pref_accuracy={metrics['eval/pref_accuracy']:.4f}")
-    return metrics["eval/pref_accuracy"]  # the value Hydra sweepers optimise
-
+from lpc.train import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
 """Shared test set-up: offline, W&B disabled, helpers to compose configs and run the entry point."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+from lpc.conf import CONF_DIR  # noqa: E402  (the package's config tree)
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Never touch the network; never log to W&B online.
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 os.environ.setdefault("WANDB_MODE", "disabled")
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
 
 # Small, fast settings for a tiny training run (~5-10 s).
-FAST = ["trainer.max_steps=40", "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=10",
-        "data.n_train=320", "data.n_eval=64"]
+FAST = [
+    "trainer.max_steps=40",
+    "trainer.eval_every=0",
+    "trainer.save_every=0",
+    "trainer.log_every=10",
+    "data.n_train=320",
+    "data.n_eval=64",
+]
 
 
 def compose(overrides: list[str] | None = None):
@@ -29,18 +38,28 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []))
 
 
-def run_train(overrides: list[str], run_dir: Path | str, env: dict | None = None, check: bool = True,
-              timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real entry point in a subprocess (as a user would), in ``run_dir``."""
-    cmd = [sys.executable, str(SRC / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+def run_train(
+    overrides: list[str],
+    run_dir: Path | str,
+    env: dict | None = None,
+    check: bool = True,
+    timeout: int = 600,
+    script: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run the real entry point in a subprocess (as a user would), in ``run_dir``; ``script`` replaces
+    ``src/train.py`` (e.g. ``tests/crash_after.py N``)."""
+    cmd = [sys.executable, *(script or [str(SRC / "train.py")]), *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -64,7 +83,7 @@ def tiny_lpc_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-# The synthetic benchmark's headline setting (docs/benchmark.md): two opposite annotator types whose
+# The synthetic benchmark's headline setting (docs/synthetic-benchmark.md): two opposite annotator types whose
 # source tag the prompt shows, where the latent has something to offer; 600 steps, seed 0.
 ACTING = ["experiment=synthetic_benchmark", "data.conflict=1.0", "data.visibility=always", "latent=discrete"]
 

@@ -1,12 +1,20 @@
 """Latent-analysis metrics on hand-computed examples, the written plots, and the end-of-training hook."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from lpc.analysis import (PLOT_FILES, accuracy_by_group, code_usage, latent_report, mean_prior_entropy, nmi,
-                          purity)
+from lpc.evaluation.analysis import (
+    PLOT_FILES,
+    accuracy_by_group,
+    code_usage,
+    latent_report,
+    mean_prior_entropy,
+    nmi,
+    purity,
+)
 
 
 def test_nmi_and_purity_by_hand():
@@ -38,8 +46,13 @@ def test_latent_report_metrics_and_plots(tmp_path):
     # type 0: 5 of 6 pairs ranked right; type 1: 3 of 6
     chosen = torch.tensor([1.0] * 5 + [-1.0] + [1.0] * 3 + [-1.0] * 3)
     probs = torch.tensor([[0.8, 0.1, 0.1]] * 6 + [[0.1, 0.1, 0.8]] * 5 + [[0.7, 0.2, 0.1]])
-    pairs = {"chosen_rewards": chosen, "rejected_rewards": torch.zeros(12), "prior_probs": probs,
-             "prior_code": probs.argmax(-1), "posterior_code": torch.tensor(types)}
+    pairs = {
+        "chosen_rewards": chosen,
+        "rejected_rewards": torch.zeros(12),
+        "prior_probs": probs,
+        "prior_code": probs.argmax(-1),
+        "posterior_code": torch.tensor(types),
+    }
     m = latent_report(pairs, [f"source_{t}" for t in types], types, tmp_path, embedding="pca")  # t-SNE: in training
     assert m["eval/pref_accuracy"] == pytest.approx(8 / 12)
     assert m["eval/pref_accuracy/type_0"] == pytest.approx(5 / 6)
@@ -54,10 +67,14 @@ def test_latent_report_metrics_and_plots(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     # without types, the sources are the truth; a DPO run (no prior) gets accuracy only and no plots
-    m2 = latent_report({"chosen_rewards": chosen, "rejected_rewards": torch.zeros(12)},
-                       ["a"] * 6 + ["b"] * 6, None, tmp_path / "dpo")
-    assert m2 == {"eval/pref_accuracy": pytest.approx(8 / 12), "eval/pref_accuracy/source_a": pytest.approx(5 / 6),
-                  "eval/pref_accuracy/source_b": pytest.approx(0.5)}
+    m2 = latent_report(
+        {"chosen_rewards": chosen, "rejected_rewards": torch.zeros(12)}, ["a"] * 6 + ["b"] * 6, None, tmp_path / "dpo"
+    )
+    assert m2 == {
+        "eval/pref_accuracy": pytest.approx(8 / 12),
+        "eval/pref_accuracy/source_a": pytest.approx(5 / 6),
+        "eval/pref_accuracy/source_b": pytest.approx(0.5),
+    }
     assert not (tmp_path / "dpo").exists()
     with pytest.raises(ValueError, match="types has 3 entries"):
         latent_report(pairs, None, [0, 1, 0])
@@ -67,13 +84,22 @@ def test_training_writes_the_latent_analysis(tiny_lpc_run):
     from conftest import read_metrics
 
     m = read_metrics(tiny_lpc_run)
-    for key in ("eval/nmi", "eval/purity", "eval/code_perplexity", "eval/prior_entropy",
-                "eval/pref_accuracy/type_0", "eval/pref_accuracy/type_1"):
+    for key in (
+        "eval/nmi",
+        "eval/purity",
+        "eval/code_perplexity",
+        "eval/prior_entropy",
+        "eval/pref_accuracy/type_0",
+        "eval/pref_accuracy/type_1",
+    ):
         assert key in m, key
     assert 0.0 <= m["eval/nmi"] <= 1.0 and 1 <= m["eval/codes_used"] <= 8
     # the per-type accuracies average (weighted) to the overall one
-    assert min(m["eval/pref_accuracy/type_0"], m["eval/pref_accuracy/type_1"]) <= m["eval/pref_accuracy"] \
+    assert (
+        min(m["eval/pref_accuracy/type_0"], m["eval/pref_accuracy/type_1"])
+        <= m["eval/pref_accuracy"]
         <= max(m["eval/pref_accuracy/type_0"], m["eval/pref_accuracy/type_1"])
+    )
     for name in PLOT_FILES.values():
         assert (tiny_lpc_run / "analysis" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -84,13 +110,16 @@ def test_final_analysis_reports_accuracy_per_labelling_rating(tmp_path):
     import datasets
     import torch
 
-    from lpc.analysis import final_analysis
+    from lpc.evaluation.analysis import final_analysis
 
-    ds = datasets.Dataset.from_dict({"rating": ["helpfulness", "honesty", "helpfulness", "honesty", "honesty"],
-                                     "source": ["a", "a", "b", "b", "b"]})
+    ds = datasets.Dataset.from_dict(
+        {"rating": ["helpfulness", "honesty", "helpfulness", "honesty", "honesty"], "source": ["a", "a", "b", "b", "b"]}
+    )
     # correct: helpfulness 1 of 2, honesty 3 of 3
-    pairs = {"chosen_rewards": torch.tensor([1.0, 2.0, -1.0, 0.5, 0.1]),
-             "rejected_rewards": torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])}
+    pairs = {
+        "chosen_rewards": torch.tensor([1.0, 2.0, -1.0, 0.5, 0.1]),
+        "rejected_rewards": torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]),
+    }
 
     class StubTrainer:
         eval_dataset, tracker, step = ds, None, 0
@@ -108,7 +137,7 @@ def test_final_analysis_reports_accuracy_per_labelling_rating(tmp_path):
 def test_embedding_of_identical_rows_does_not_crash():
     """A confident prior gives one identical row per pair; t-SNE would divide by zero spread (and
     scikit-learn 1.9 segfaults on it): the embedding falls back to PCA, all points at the origin."""
-    from lpc.analysis import embed_2d
+    from lpc.evaluation.analysis import embed_2d
 
     x = np.zeros((64, 8))
     x[:, 3] = 1.0

@@ -1,18 +1,18 @@
 """The config tree composes for every option, and every bad input fails fast with a clear error."""
-import os
+
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, REPO, SRC, compose, run_train
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
+from conftest import CONF_DIR, FIXTURES, REPO, SRC, compose, run_train
 from lpc.config import ConfigError, validate
 
-CONF = REPO / "conf"
+CONF = Path(CONF_DIR)
 
 
 def options(group: str) -> list[str]:
@@ -42,8 +42,9 @@ def test_issue_options_exist():
 EXTRA = {"data=jsonl": [f"data.train_file={FIXTURES / 'pairs.jsonl'}"]}
 
 
-@pytest.mark.parametrize("override", [f"{g}={o}" for g in ("model", "algo", "data", "latent", "logger", "trainer")
-                                      for o in options(g)])
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in ("model", "algo", "data", "latent", "logger", "trainer") for o in options(g)]
+)
 def test_every_option_composes_and_validates(override):
     cfg = compose([override, *EXTRA.get(override, [])])
     validate(cfg)
@@ -117,8 +118,7 @@ def test_validate_raises_config_error_in_process():
 def test_missing_hub_model_offline_fails_at_once(tmp_path):
     run_dir = tmp_path / "run"
     start = time.time()
-    proc = run_train(["model=mistral7b", "trainer=cpu"], run_dir, env={"HF_HUB_OFFLINE": "1"}, check=False,
-                     timeout=120)
+    proc = run_train(["model=mistral7b", "trainer=cpu"], run_dir, env={"HF_HUB_OFFLINE": "1"}, check=False, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "mistralai/Mistral-7B-v0.1" in out and "not in the local Hugging Face cache" in out, out[-2000:]

@@ -1,12 +1,13 @@
 """Data: the hub loaders on fixtures in the hubs' own schemas, bad-row handling, label flips,
 tokenisation and the pair collator."""
+
 import json
 
 import datasets
 import pytest
 import torch
-from conftest import FIXTURES, compose
 
+from conftest import FIXTURES, compose
 from lpc.data import DataError, PairCollator, check_rows, flip_labels, tokenize_pairs
 from lpc.data.hub import JsonlPreferences, UltraFeedback, UltraFeedbackBinarized, _load
 from lpc.run import build_datasets
@@ -18,7 +19,7 @@ PAIRS = str(FIXTURES / "pairs.jsonl")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lpc.models import build_tiny_tokenizer
+    from lpc.backbones import build_tiny_tokenizer
 
     return build_tiny_tokenizer(1024)
 
@@ -31,12 +32,13 @@ def all_rows(dd: datasets.DatasetDict) -> dict[str, dict]:
 
 # --------------------------------------------------------------------------- raw UltraFeedback
 
+
 def test_ultrafeedback_pairs_best_vs_random_other():
     dd = UltraFeedback(path=UF, seed=0)()
     assert len(dd["train"]) + len(dd["eval"]) == 8 and len(dd["eval"]) >= 1
     rows = all_rows(dd)
     r = rows["Name a primary colour."]
-    assert r["chosen"] == "UF-1-A red"                       # overall 8.5, the best
+    assert r["chosen"] == "UF-1-A red"  # overall 8.5, the best
     assert r["rejected"] in {"UF-1-B green", "UF-1-C purple", "UF-1-D banana"}
     assert r["source"] == "evol_instruct"
     # two completions tied for best: y_w is the first, y_l is never the other winner
@@ -86,9 +88,10 @@ def test_ultrafeedback_bad_rating_key():
 
 # --------------------------------------------------------------------------- binarized
 
+
 def test_ultrafeedback_binarized_local_split_files():
     dd = UltraFeedbackBinarized(path=UF_BIN)()
-    assert len(dd["train"]) == 5 and len(dd["eval"]) == 2      # train_prefs / test_prefs, not a random split
+    assert len(dd["train"]) == 5 and len(dd["eval"]) == 2  # train_prefs / test_prefs, not a random split
     r = dd["train"][0]
     assert (r["prompt"], r["chosen"], r["rejected"]) == ("Name a primary colour.", "BIN-1 red", "BIN-1 banana")
     assert dd["eval"]["chosen"] == ["BIN-T1 le chat", "BIN-T2 it passes"]
@@ -104,8 +107,12 @@ def test_local_dir_without_the_split_is_a_clear_error():
 
 # --------------------------------------------------------------------------- bad rows
 
-EXPECTED_BAD = {"data/skipped_train/missing_chosen": 1, "data/skipped_train/empty_rejected": 1,
-                "data/skipped_train/empty_prompt": 1, "data/skipped_train/identical_chosen_rejected": 2}
+EXPECTED_BAD = {
+    "data/skipped_train/missing_chosen": 1,
+    "data/skipped_train/empty_rejected": 1,
+    "data/skipped_train/empty_prompt": 1,
+    "data/skipped_train/identical_chosen_rejected": 2,
+}
 
 
 def test_check_rows_counts_every_reason_and_skips():
@@ -150,9 +157,11 @@ def test_jsonl_split_when_no_eval_file():
 
 # --------------------------------------------------------------------------- label flips
 
+
 def toy(n):
-    return datasets.Dataset.from_list([{"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}"}
-                                       for i in range(n)])
+    return datasets.Dataset.from_list(
+        [{"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}"} for i in range(n)]
+    )
 
 
 @pytest.mark.parametrize("n,fraction", [(10, 0.3), (7, 0.5), (20, 0.0), (5, 1.0), (13, 0.25)])
@@ -201,13 +210,16 @@ def test_flip_through_the_config_never_touches_eval(tokenizer):
 
 # --------------------------------------------------------------------------- tokenisation
 
+
 def test_tokenize_pairs_bos_eos_and_prompt_too_long(tokenizer):
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ds = datasets.Dataset.from_list([
-        {"prompt": "Please describe rivers.", "chosen": "kindly rivers", "rejected": "whatever"},
-        {"prompt": "<|bos|>Please describe rivers.", "chosen": "thanks", "rejected": "fine"},   # BOS already there
-        {"prompt": "Please " * 30, "chosen": "a", "rejected": "b"},                            # too long
-    ])
+    ds = datasets.Dataset.from_list(
+        [
+            {"prompt": "Please describe rivers.", "chosen": "kindly rivers", "rejected": "whatever"},
+            {"prompt": "<|bos|>Please describe rivers.", "chosen": "thanks", "rejected": "fine"},  # BOS already there
+            {"prompt": "Please " * 30, "chosen": "a", "rejected": "b"},  # too long
+        ]
+    )
     out, stats = tokenize_pairs(ds, tokenizer, max_length=64, max_prompt_length=24, split="train")
     assert stats == {"data/skipped_train/prompt_too_long": 1} and len(out) == 2
     for r in out:
@@ -239,6 +251,7 @@ def test_tokenize_pairs_chat_template_one_bos(tokenizer):
 
 # --------------------------------------------------------------------------- collator
 
+
 def test_pair_collator_by_hand():
     rows = [
         {"prompt_input_ids": [1, 5, 6], "chosen_input_ids": [7, 2], "rejected_input_ids": [8, 9, 2], "type": 0},
@@ -246,15 +259,14 @@ def test_pair_collator_by_hand():
     ]
     b = PairCollator(pad_token_id=0)(rows)
     # rows: chosen 0, chosen 1, rejected 0, rejected 1; right-padded to the longest (6)
-    assert b["input_ids"].tolist() == [[1, 5, 6, 7, 2, 0],
-                                       [1, 5, 7, 7, 7, 2],
-                                       [1, 5, 6, 8, 9, 2],
-                                       [1, 5, 2, 0, 0, 0]]
+    assert b["input_ids"].tolist() == [[1, 5, 6, 7, 2, 0], [1, 5, 7, 7, 7, 2], [1, 5, 6, 8, 9, 2], [1, 5, 2, 0, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0]]
-    assert b["response_mask"].int().tolist() == [[0, 0, 0, 1, 1, 0],
-                                                 [0, 0, 1, 1, 1, 1],
-                                                 [0, 0, 0, 1, 1, 1],
-                                                 [0, 0, 1, 0, 0, 0]]
+    assert b["response_mask"].int().tolist() == [
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 1, 0, 0, 0],
+    ]
     assert b["prompt_last"].tolist() == [2, 1, 2, 1]
     assert b["seq_last"].tolist() == [4, 5, 5, 2]
     assert b["type"].tolist() == [0, 1]

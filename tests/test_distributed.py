@@ -1,5 +1,6 @@
 """Distributed training: 2 synced CPU processes (gloo) equal 1 process with the same global batch;
 the FSDP and ZeRO-3 accelerate config files are valid for accelerate."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import REPO, SRC, read_metrics, run_train
 
-STEPS = ["trainer.max_steps=6", "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=3",
-         "data.n_train=64", "data.n_eval=32", "trainer.gradient_accumulation_steps=2"]
+STEPS = [
+    "trainer.max_steps=6",
+    "trainer.eval_every=0",
+    "trainer.save_every=0",
+    "trainer.log_every=3",
+    "data.n_train=64",
+    "data.n_eval=32",
+    "trainer.gradient_accumulation_steps=2",
+]
 
 
 def free_port() -> int:
@@ -35,12 +44,35 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     one, two = tmp_path / "one", tmp_path / "two"
     env = {"LPC_CACHE_DIR": str(tmp_path / "cache")}
     run_train(STEPS + ["trainer.batch_size=8"], one, env=env)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(SRC / "train.py"),
-           *STEPS, "trainer.batch_size=4", "distributed=ddp", f"hydra.run.dir={two}"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env, "ACCELERATE_USE_CPU": "true"},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(SRC / "train.py"),
+        *STEPS,
+        "trainer.batch_size=4",
+        "distributed=ddp",
+        f"hydra.run.dir={two}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **env, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     m1, m2 = read_metrics(one), read_metrics(two)
     assert (m1["train/num_processes"], m2["train/num_processes"]) == (1, 2)  # two synced ranks, not two runs
@@ -61,7 +93,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
 def test_fsdp_config_is_valid_for_accelerate():
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    from lpc.distributed import accelerate_config_path, accelerate_env, launch_args
+    from lpc.training.distributed import accelerate_config_path, accelerate_env, launch_args
 
     args = launch_args(accelerate_config_path("fsdp"))
     assert args.use_fsdp and args.num_processes == 8 and args.mixed_precision == "bf16"
@@ -79,6 +111,7 @@ def test_fsdp_config_is_valid_for_accelerate():
     assert plugin.fsdp_version == 1 and plugin.use_orig_params
     assert plugin.auto_wrap_policy is not None and str(plugin.state_dict_type).endswith("FULL_STATE_DICT")
     from accelerate.commands.config.config_args import load_config_from_file
+
     assert load_config_from_file(str(accelerate_config_path("fsdp"))).distributed_type == DistributedType.FSDP
 
 
@@ -86,7 +119,7 @@ def test_zero3_config_is_valid_for_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    from lpc.distributed import accelerate_config_path, accelerate_env
+    from lpc.training.distributed import accelerate_config_path, accelerate_env
 
     path = accelerate_config_path("zero3")
     cfg = load_config_from_file(str(path))
@@ -99,9 +132,13 @@ def test_zero3_config_is_valid_for_accelerate():
 
 
 def test_a_misspelled_config_key_is_rejected(tmp_path):
-    from lpc.distributed import launch_args
+    from lpc.training.distributed import launch_args
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "configs/accelerate/fsdp.yaml").read_text().replace("distributed_type: FSDP", "distributed_type: FSPD"))
+    bad.write_text(
+        (REPO / "src/lpc/training/accelerate/fsdp.yaml")
+        .read_text()
+        .replace("distributed_type: FSDP", "distributed_type: FSPD")
+    )
     with pytest.raises(ValueError):
         launch_args(bad)

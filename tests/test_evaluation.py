@@ -1,4 +1,5 @@
 """lm-eval wrapper, local tasks, the evaluate command and the AlpacaEval / MT-bench exports."""
+
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from lpc.checkpoint import load_checkpoint
 from lpc.data import encode_prompt
-from lpc.modeling import PreferenceModel, conditioned_on
+from lpc.policy import PreferenceModel, conditioned_on
+from lpc.training.checkpoint import load_checkpoint
 
 pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra; test_missing_extra covers its absence")
 
@@ -54,7 +55,7 @@ def reference(model, ctx_ids, cont_ids, z="prior"):
     z = prior_z_by_hand(model, ctx_ids) if z == "prior" else z
     with conditioned_on(model.lm, z):
         logits = model.lm(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float()
-    lp = logits[len(ctx_ids) - 1:-1].log_softmax(-1)
+    lp = logits[len(ctx_ids) - 1 : -1].log_softmax(-1)
     target = torch.tensor(cont_ids)
     return lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())
 
@@ -80,7 +81,7 @@ def test_loglikelihood_equals_direct_forward(which, request):
     model, tok = request.getfixturevalue(f"{which}_ckpt")
     lm = make_lm(model, tok)
     cs = cases(tok)
-    assert len(cs[0][1][1]) >= 3                        # really a multi-token continuation
+    assert len(cs[0][1][1]) >= 3  # really a multi-token continuation
     got = lm.loglikelihood(requests("loglikelihood", [c for c, _ in cs]))
     for (args, (ctx_ids, cont_ids)), (lp, greedy) in zip(cs, got):
         if args[0]:  # lm-eval's own split of the pair gives the hand-written token ids
@@ -95,10 +96,12 @@ def test_lpc_loglikelihood_uses_the_prior_z(lpc_ckpt):
     model, tok = lpc_ckpt
     args = [c for c, _ in cases(tok)]
     with_z = [lp for lp, _ in make_lm(model, tok).loglikelihood(requests("loglikelihood", args))]
-    no_z = [lp for lp, _ in make_lm(PreferenceModel(model.lm, None), tok).loglikelihood(requests("loglikelihood", args))]
+    no_z = [
+        lp for lp, _ in make_lm(PreferenceModel(model.lm, None), tok).loglikelihood(requests("loglikelihood", args))
+    ]
     for (ctx_ids, cont_ids), a, b in zip([ids for _, ids in cases(tok)], with_z, no_z):
         assert b == pytest.approx(reference(model, ctx_ids, cont_ids, z=None)[0], abs=1e-4)
-        assert abs(a - b) > 1e-3                         # the trained codes move the log-likelihood
+        assert abs(a - b) > 1e-3  # the trained codes move the log-likelihood
 
 
 def test_rolling_loglikelihood(dpo_ckpt):
@@ -132,7 +135,9 @@ def test_generate_until_uses_the_prior_z(lpc_ckpt):
     gen = {"until": ["Question:"], "max_gen_toks": 10, "do_sample": False}
     got = make_lm(model, tok).generate_until(requests("generate_until", [(p, gen) for p in prompts]))
     assert got == [greedy_by_hand(model, tok, p, 10, "Question:") for p in prompts]
-    no_z = make_lm(PreferenceModel(model.lm, None), tok).generate_until(requests("generate_until", [(p, gen) for p in prompts]))
+    no_z = make_lm(PreferenceModel(model.lm, None), tok).generate_until(
+        requests("generate_until", [(p, gen) for p in prompts])
+    )
     assert no_z != got
 
 
@@ -155,17 +160,24 @@ def test_truthfulqa_bleu_works_offline():
 
 
 def test_evaluate_command_writes_metrics(tiny_lpc_run, tmp_path, lpc_ckpt):
-    from lpc import evaluate
+    from lpc.evaluation import harness as evaluate
 
     run = tmp_path / "run"
     shutil.copytree(tiny_lpc_run / "final", run / "final")
     shutil.copy(tiny_lpc_run / "metrics.json", run / "metrics.json")
     before = json.loads((run / "metrics.json").read_text())
-    rc = evaluate.main([str(run), "tasks=arc_challenge_local,arc_easy_local,gsm8k_local,truthfulqa_local",
-                        "limit=2", "batch_size=4", "device=cpu"])
+    rc = evaluate.main(
+        [
+            str(run),
+            "tasks=arc_challenge_local,arc_easy_local,gsm8k_local,truthfulqa_local",
+            "limit=2",
+            "batch_size=4",
+            "device=cpu",
+        ]
+    )
     assert rc == 0
     m = json.loads((run / "metrics.json").read_text())
-    assert {k: m[k] for k in before} == before                     # existing keys kept
+    assert {k: m[k] for k in before} == before  # existing keys kept
     for task in ("arc_challenge_local", "arc_easy_local", "gsm8k_local", "truthfulqa_local"):
         assert m[f"lm_eval/{task}/n_samples"] == 2
     assert m["lm_eval/gsm8k_local/exact_match"] == m["lm_eval/gsm8k_local/exact_match/strict-match"]
@@ -176,15 +188,21 @@ def test_evaluate_command_writes_metrics(tiny_lpc_run, tmp_path, lpc_ckpt):
     docs = load_local_data().arc_challenge()["test"].select(range(2))
     hits = []
     for d in docs:
-        lps = [lp for lp, _ in lm.loglikelihood(requests("loglikelihood", [
-            (f"Question: {d['question']}\nAnswer:", f" {c}") for c in d["choices"]["text"]]))]
+        lps = [
+            lp
+            for lp, _ in lm.loglikelihood(
+                requests(
+                    "loglikelihood", [(f"Question: {d['question']}\nAnswer:", f" {c}") for c in d["choices"]["text"]]
+                )
+            )
+        ]
         hits.append(max(range(len(lps)), key=lps.__getitem__) == d["choices"]["label"].index(d["answerKey"]))
     assert m["lm_eval/arc_challenge_local/acc"] == pytest.approx(sum(hits) / 2)
     assert (run / "eval" / "lm_eval_results.json").exists()
 
 
 def test_evaluate_rejects_bad_options(tiny_dpo_run, capsys):
-    from lpc import evaluate
+    from lpc.evaluation import harness as evaluate
 
     assert evaluate.main([str(tiny_dpo_run), "tasks=local", "limit=-3"]) == 2
     assert "eval.limit" in capsys.readouterr().err
@@ -193,12 +211,12 @@ def test_evaluate_rejects_bad_options(tiny_dpo_run, capsys):
 
 
 def test_missing_extra_gives_install_message(monkeypatch, tiny_dpo_run, capsys):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)     # `import lm_eval` now raises ImportError
-    for name in [m for m in sys.modules if m.startswith("lpc.evaluat") or m == "lpc.export"]:
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    for name in [m for m in sys.modules if m.startswith("lpc.evaluat") or m == "lpc.evaluation.export"]:
         monkeypatch.delitem(sys.modules, name)
-    evaluation = importlib.import_module("lpc.evaluation")   # importing our package needs no lm-eval
-    evaluate = importlib.import_module("lpc.evaluate")
-    importlib.import_module("lpc.export")
+    evaluation = importlib.import_module("lpc.evaluation")  # importing our package needs no lm-eval
+    evaluate = importlib.import_module("lpc.evaluation.harness")
+    importlib.import_module("lpc.evaluation.export")
     with pytest.raises(evaluation.MissingExtra, match=r"pip install -e '\.\[eval\]'"):
         evaluation.require_lm_eval()
     with pytest.raises(evaluation.MissingExtra, match="pip install lm-eval"):
@@ -209,14 +227,18 @@ def test_missing_extra_gives_install_message(monkeypatch, tiny_dpo_run, capsys):
 
 # ---------------------------------------------------------------------- exports
 def test_one_bos_with_and_without_a_bos_template(dpo_ckpt):
-    from lpc.export import prompt_ids
+    from lpc.evaluation.export import prompt_ids
 
     _, tok = dpo_ckpt
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"},
+    ]
     plain = prompt_ids(tok, msgs)
-    assert "bos" not in tok.chat_template                       # the tiny template adds none: we add it
+    assert "bos" not in tok.chat_template  # the tiny template adds none: we add it
     tok2 = copy.deepcopy(tok)
-    tok2.chat_template = "{{ bos_token }}" + tok.chat_template   # Llama-3 style: the template adds it
+    tok2.chat_template = "{{ bos_token }}" + tok.chat_template  # Llama-3 style: the template adds it
     assert tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).startswith(tok.bos_token)
     templated = prompt_ids(tok2, msgs)
     for ids in (plain, templated):
@@ -225,11 +247,20 @@ def test_one_bos_with_and_without_a_bos_template(dpo_ckpt):
 
 
 def test_exports_match_the_tools_schemas(tiny_lpc_run, tmp_path):
-    from lpc.export import ExportConfig, export, load_questions
     from lpc.evaluation import QUESTIONS_DIR
+    from lpc.evaluation.export import ExportConfig, export, load_questions
 
-    a = export(tiny_lpc_run, ExportConfig(format="alpaca_eval", out=str(tmp_path / "model_outputs.json"),
-                                          max_new_tokens=4, limit=2, model_id="tiny-lpc", device="cpu"))
+    a = export(
+        tiny_lpc_run,
+        ExportConfig(
+            format="alpaca_eval",
+            out=str(tmp_path / "model_outputs.json"),
+            max_new_tokens=4,
+            limit=2,
+            model_id="tiny-lpc",
+            device="cpu",
+        ),
+    )
     rows = json.loads(a.read_text())
     qs = load_questions(QUESTIONS_DIR / "alpaca_eval_tiny.json", "alpaca_eval")
     assert isinstance(rows, list) and len(rows) == 2
@@ -238,8 +269,17 @@ def test_exports_match_the_tools_schemas(tiny_lpc_run, tmp_path):
         assert all(isinstance(v, str) for v in row.values())
         assert (row["instruction"], row["generator"], row["dataset"]) == (q["instruction"], "tiny-lpc", q["dataset"])
 
-    m = export(tiny_lpc_run, ExportConfig(format="mt_bench", out=str(tmp_path / "tiny-lpc.jsonl"),
-                                          max_new_tokens=4, limit=2, model_id="tiny-lpc", device="cpu"))
+    m = export(
+        tiny_lpc_run,
+        ExportConfig(
+            format="mt_bench",
+            out=str(tmp_path / "tiny-lpc.jsonl"),
+            max_new_tokens=4,
+            limit=2,
+            model_id="tiny-lpc",
+            device="cpu",
+        ),
+    )
     lines = [json.loads(ln) for ln in m.read_text().splitlines()]
     qs = load_questions(QUESTIONS_DIR / "mt_bench_tiny.jsonl", "mt_bench")
     assert len(lines) == 2
@@ -253,7 +293,7 @@ def test_exports_match_the_tools_schemas(tiny_lpc_run, tmp_path):
 
 
 def test_export_rejects_bad_question_file(tiny_dpo_run, tmp_path):
-    from lpc.export import ExportConfig, ExportError, export
+    from lpc.evaluation.export import ExportConfig, ExportError, export
 
     bad = tmp_path / "q.jsonl"
     bad.write_text(json.dumps({"question_id": 1, "category": "x"}) + "\n")

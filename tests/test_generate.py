@@ -1,4 +1,5 @@
-"""Generation from a trained checkpoint: z from the prior or a chosen code (lpc.generate)."""
+"""Generation from a trained checkpoint: z from the prior or a chosen code (lpc.evaluation.generate)."""
+
 from __future__ import annotations
 
 import os
@@ -7,12 +8,13 @@ import sys
 
 import pytest
 import torch
+
 from conftest import REPO, SRC
 
 
 @pytest.fixture(scope="module")
 def lpc_model(tiny_lpc_run):
-    from lpc.checkpoint import load_checkpoint
+    from lpc.training.checkpoint import load_checkpoint
 
     model, tokenizer, cfg = load_checkpoint(tiny_lpc_run)
     return model, tokenizer
@@ -22,8 +24,14 @@ PROMPT = "[source_0] Please describe volcanoes."
 
 
 def generate_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "lpc.generate", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(SRC)})
+    return subprocess.run(
+        [sys.executable, "-m", "lpc.evaluation.generate", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
 
 
 def test_prompt_gets_exactly_one_bos(lpc_model):
@@ -37,7 +45,7 @@ def test_prompt_gets_exactly_one_bos(lpc_model):
 
 
 def test_fixed_code_and_seed_is_deterministic(lpc_model):
-    from lpc.generate import generate
+    from lpc.evaluation.generate import generate
 
     model, tok = lpc_model
     rng_before = torch.random.get_rng_state()
@@ -54,8 +62,8 @@ def test_fixed_code_and_seed_is_deterministic(lpc_model):
 
 def test_codes_change_next_token_logits(lpc_model):
     from lpc.data import encode_prompt
-    from lpc.generate import latent_z
-    from lpc.modeling import conditioned_on
+    from lpc.evaluation.generate import latent_z
+    from lpc.policy import conditioned_on
 
     model, tok = lpc_model
     ids = torch.tensor([encode_prompt(tok, PROMPT)])
@@ -82,8 +90,8 @@ def test_codes_change_next_token_logits(lpc_model):
 
 
 def test_baseline_generates_and_rejects_code(lpc_model):
-    from lpc.generate import GenerateError, generate
-    from lpc.modeling import PreferenceModel
+    from lpc.evaluation.generate import GenerateError, generate
+    from lpc.policy import PreferenceModel
 
     model, tok = lpc_model
     baseline = PreferenceModel(model.lm, None)
@@ -98,7 +106,7 @@ def test_baseline_generates_and_rejects_code(lpc_model):
 
 
 def test_cli_generates_with_a_code_and_rejects_bad_arguments(tiny_lpc_run, lpc_model):
-    from lpc.generate import generate
+    from lpc.evaluation.generate import generate
 
     proc = generate_cli(tiny_lpc_run, f"prompt={PROMPT}", "code=2", "greedy=true", "max_new_tokens=8")
     assert proc.returncode == 0, proc.stderr
@@ -110,23 +118,26 @@ def test_cli_generates_with_a_code_and_rejects_bad_arguments(tiny_lpc_run, lpc_m
     assert bad.returncode == 2 and "code=8 is not allowed: an integer in [0, 7]" in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["prompt=hi", "inference=mean"], "inference='mean' is not allowed for a discrete latent"),
-    (["prompt=hi", "temperature=0"], "temperature='0' is not allowed"),
-    (["prompt=hi", "top_p=1.5"], "top_p='1.5' is not allowed"),
-    (["prompt=hi", "code=two"], "code='two' is not allowed"),
-    (["colour=red", "prompt=hi"], "unknown argument 'colour'"),
-    ([], "prompt= is required"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["prompt=hi", "inference=mean"], "inference='mean' is not allowed for a discrete latent"),
+        (["prompt=hi", "temperature=0"], "temperature='0' is not allowed"),
+        (["prompt=hi", "top_p=1.5"], "top_p='1.5' is not allowed"),
+        (["prompt=hi", "code=two"], "code='two' is not allowed"),
+        (["colour=red", "prompt=hi"], "unknown argument 'colour'"),
+        ([], "prompt= is required"),
+    ],
+)
 def test_cli_bad_arguments_are_clear_errors(tiny_lpc_run, capsys, args, message):
-    from lpc.generate import main
+    from lpc.evaluation.generate import main
 
     assert main([str(tiny_lpc_run), *args]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_cli_rejects_a_missing_checkpoint_and_code_on_a_baseline(tmp_path, capsys):
-    from lpc.generate import main
+    from lpc.evaluation.generate import main
 
     assert main([str(tmp_path / "nope"), "prompt=hi"]) == 2
     assert "not a checkpoint" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """LPC: the latent module, its integration in the trainer, save/load, and config errors."""
+
 from __future__ import annotations
 
 import copy
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from conftest import FAST, compose, read_metrics, run_train
 
 
@@ -15,15 +17,23 @@ def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
     """A PreferenceTrainer built from a composed config the way ``lpc.run.run`` builds it (in-process)."""
     from hydra.utils import instantiate
 
-    from lpc.modeling import PreferenceModel
+    from lpc.policy import PreferenceModel
     from lpc.run import build_datasets
-    from lpc.trainer import PreferenceTrainer
+    from lpc.training.trainer import PreferenceTrainer
 
     # on_the_fly: the reference is a frozen model run next to the policy (precompute would load cached
     # log-probs instead and run no reference pass during training at all).
-    cfg = compose([f"data.n_train={n_train}", f"data.n_eval={n_eval}", "trainer.batch_size=4",
-                   "trainer.eval_every=0", "trainer.save_every=0", "trainer.reference_logps=on_the_fly",
-                   *overrides])
+    cfg = compose(
+        [
+            f"data.n_train={n_train}",
+            f"data.n_eval={n_eval}",
+            "trainer.batch_size=4",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "trainer.reference_logps=on_the_fly",
+            *overrides,
+        ]
+    )
     torch.manual_seed(cfg.seed)
     algo = instantiate(cfg.algo)
     lm, tokenizer = instantiate(cfg.model)
@@ -31,9 +41,16 @@ def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
     latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size) if cfg.latent.get("_target_") else None
     train_ds, eval_ds, _ = build_datasets(cfg, tokenizer)
     return PreferenceTrainer(
-        model=PreferenceModel(lm, latent), ref_model=ref, tokenizer=tokenizer, algo=algo,
-        train_dataset=train_ds, eval_dataset=eval_ds, trainer_cfg=cfg.trainer, run_dir=run_dir,
-        optimizer_factory=instantiate(cfg.trainer.optimizer))
+        model=PreferenceModel(lm, latent),
+        ref_model=ref,
+        tokenizer=tokenizer,
+        algo=algo,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        trainer_cfg=cfg.trainer,
+        run_dir=run_dir,
+        optimizer_factory=instantiate(cfg.trainer.optimizer),
+    )
 
 
 def first_batch(trainer):
@@ -140,11 +157,17 @@ def _grads(trainer, batch, progress):
     lat = trainer.model.latent
 
     def norm(module_or_param):
-        ps = [module_or_param] if isinstance(module_or_param, torch.nn.Parameter) else list(module_or_param.parameters())
+        ps = (
+            [module_or_param] if isinstance(module_or_param, torch.nn.Parameter) else list(module_or_param.parameters())
+        )
         return sum(float(p.grad.abs().sum()) if p.grad is not None else 0.0 for p in ps)
 
-    return {"codebook": norm(lat.codebook), "prior": norm(lat.prior), "posterior": norm(lat.posterior),
-            "lm": norm(trainer.model.lm)}
+    return {
+        "codebook": norm(lat.codebook),
+        "prior": norm(lat.prior),
+        "posterior": norm(lat.posterior),
+        "lm": norm(trainer.model.lm),
+    }
 
 
 def test_gradients_reach_codebook_prior_and_posterior(tmp_path):
@@ -172,18 +195,25 @@ def _grads_continuous(trainer, batch):
     loss.backward()
     lat = trainer.model.latent
     assert metrics["latent/kl"].item() >= 0.0
-    return {k: sum(float(p.grad.abs().sum()) for p in getattr(lat, k).parameters() if p.grad is not None)
-            for k in ("prior", "posterior")}
+    return {
+        k: sum(float(p.grad.abs().sum()) for p in getattr(lat, k).parameters() if p.grad is not None)
+        for k in ("prior", "posterior")
+    }
 
 
 # ---------------------------------------------------------------------- cost: backbone forwards per step
 def count_backbone_forwards(trainer, steps=2):
-    from lpc.modeling import backbone_of
+    from lpc.policy import backbone_of
 
     calls = {"policy": 0, "reference": 0}
-    hooks = [backbone_of(trainer.model.lm).register_forward_hook(lambda *_: calls.__setitem__("policy", calls["policy"] + 1)),
-             backbone_of(trainer.ref_model).register_forward_hook(
-                 lambda *_: calls.__setitem__("reference", calls["reference"] + 1))]
+    hooks = [
+        backbone_of(trainer.model.lm).register_forward_hook(
+            lambda *_: calls.__setitem__("policy", calls["policy"] + 1)
+        ),
+        backbone_of(trainer.ref_model).register_forward_hook(
+            lambda *_: calls.__setitem__("reference", calls["reference"] + 1)
+        ),
+    ]
     trainer.evaluate = lambda *a, **k: ({}, {}) if k.get("return_pairs") else {}  # count training steps only
     trainer.total_steps = steps
     try:
@@ -194,8 +224,11 @@ def count_backbone_forwards(trainer, steps=2):
     return calls
 
 
-@pytest.mark.parametrize("latent", [[], ["latent=discrete", "codebook=4"], ["latent=continuous"]],
-                         ids=["dpo", "lpc_discrete", "lpc_continuous"])
+@pytest.mark.parametrize(
+    "latent",
+    [[], ["latent=discrete", "codebook=4"], ["latent=continuous"]],
+    ids=["dpo", "lpc_discrete", "lpc_continuous"],
+)
 def test_backbone_forwards_per_step_equal_dpo(tmp_path, latent):
     """DPO: one policy pass and one reference pass per micro-batch (chosen and rejected stacked).
     LPC reads h_x and h_{x,y} from that same policy pass: the counts must not change."""
@@ -208,7 +241,7 @@ def test_z_positions_response_and_all_score_the_same(tmp_path):
     """z enters only at the LM head (logits = W (h + z)), and the hidden states do not depend on z, so
     adding z at prompt positions changes only prompt-position logits, which no loss reads: the scored
     log-probs are the same. generation's hook (conditioned_on, z at every position) must agree too."""
-    from lpc.modeling import conditioned_on
+    from lpc.policy import conditioned_on
 
     t = make_trainer(["latent=discrete", "codebook=4"], tmp_path)
     model, batch = t.model, first_batch(t)
@@ -233,17 +266,15 @@ def test_z_positions_response_and_all_score_the_same(tmp_path):
 # ---------------------------------------------------------------------- save / load round trip
 def reload_and_evaluate(run_dir):
     """Reload final/ with load_checkpoint and evaluate on the eval set built as run.build_datasets does."""
+    from accelerate import Accelerator
     from hydra.utils import instantiate
 
-    from lpc.checkpoint import load_checkpoint
-    from lpc.run import build_datasets
-    from lpc.trainer import PreferenceTrainer
-
-    from accelerate import Accelerator
-
+    from lpc.backbones import default_cache_dir
     from lpc.data import PairCollator
-    from lpc.models import default_cache_dir
-    from lpc.reference import attach_reference_logps, key_parts
+    from lpc.run import build_datasets
+    from lpc.training.checkpoint import load_checkpoint
+    from lpc.training.reference import attach_reference_logps, key_parts
+    from lpc.training.trainer import PreferenceTrainer
 
     model, tokenizer, cfg = load_checkpoint(run_dir)
     algo = instantiate(cfg.algo)
@@ -254,13 +285,28 @@ def reload_and_evaluate(run_dir):
         if cfg.trainer.get("reference_logps", "on_the_fly") == "precompute":
             # as run.run does: the initial model's log-probs, from the cache keyed on its weights and the tokens
             parts = key_parts(cfg, ref, train_ds, eval_ds, "cpu")
-            splits, _ = attach_reference_logps(ref, {"train": train_ds, "eval": eval_ds}, parts, accelerator,
-                                               PairCollator(tokenizer.pad_token_id), cfg.trainer.eval_batch_size,
-                                               cfg.model.get("cache_dir") or default_cache_dir())
+            splits, _ = attach_reference_logps(
+                ref,
+                {"train": train_ds, "eval": eval_ds},
+                parts,
+                accelerator,
+                PairCollator(tokenizer.pad_token_id),
+                cfg.trainer.eval_batch_size,
+                cfg.model.get("cache_dir") or default_cache_dir(),
+            )
             eval_ds, ref = splits["eval"], None
-    trainer = PreferenceTrainer(model=model, ref_model=ref, tokenizer=tokenizer, algo=algo, train_dataset=eval_ds,
-                                eval_dataset=eval_ds, trainer_cfg=cfg.trainer, run_dir=run_dir,
-                                optimizer_factory=instantiate(cfg.trainer.optimizer), accelerator=accelerator)
+    trainer = PreferenceTrainer(
+        model=model,
+        ref_model=ref,
+        tokenizer=tokenizer,
+        algo=algo,
+        train_dataset=eval_ds,
+        eval_dataset=eval_ds,
+        trainer_cfg=cfg.trainer,
+        run_dir=run_dir,
+        optimizer_factory=instantiate(cfg.trainer.optimizer),
+        accelerator=accelerator,
+    )
     return model, trainer.evaluate()
 
 
@@ -297,13 +343,16 @@ def test_continuous_run_trains_and_reloads(tiny_continuous_run):
 
 
 # ---------------------------------------------------------------------- config errors
-@pytest.mark.parametrize("override,key", [
-    ("codebook=0", "codebook"),
-    ("latent.temperature=0", "latent.temperature"),
-    ("latent.kl_weight=-1", "latent.kl_weight"),
-    ("latent.mix_schedule=bogus", "latent.mix_schedule"),
-    ("latent.inference=bogus", "latent.inference"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("codebook=0", "codebook"),
+        ("latent.temperature=0", "latent.temperature"),
+        ("latent.kl_weight=-1", "latent.kl_weight"),
+        ("latent.mix_schedule=bogus", "latent.mix_schedule"),
+        ("latent.inference=bogus", "latent.inference"),
+    ],
+)
 def test_bad_latent_values_fail_before_any_model_loads(tmp_path, override, key):
     proc = run_train(["latent=discrete", override], tmp_path, check=False, timeout=120)
     out = proc.stdout + proc.stderr
@@ -317,20 +366,31 @@ def test_bad_latent_values_fail_before_any_model_loads(tmp_path, override, key):
 def test_codebook_is_calibrated_to_the_hidden_state_norm(tmp_path):
     """codebook_init=hidden: every code has norm scale x ||final norm weight|| (sqrt(d) = sqrt(128) for the
     tiny model's initial RMSNorm); codebook_init=normal keeps N(0, scale^2) entries."""
-    from lpc.modeling import expected_hidden_norm
+    from lpc.policy import expected_hidden_norm
 
     t = make_trainer(["latent=discrete", "codebook=4", "latent.codebook_init_scale=0.5"], tmp_path / "a")
     assert expected_hidden_norm(t.model.lm) == pytest.approx(math.sqrt(128), rel=1e-6)
     norms = t.model.latent.codebook.detach().norm(dim=-1)
     torch.testing.assert_close(norms, torch.full((4,), 0.5 * math.sqrt(128)))
-    t2 = make_trainer(["latent=discrete", "codebook=64", "latent.codebook_init=normal",
-                       "latent.codebook_init_scale=0.02"], tmp_path / "b")
+    t2 = make_trainer(
+        ["latent=discrete", "codebook=64", "latent.codebook_init=normal", "latent.codebook_init_scale=0.02"],
+        tmp_path / "b",
+    )
     assert t2.model.latent.codebook.detach().std().item() == pytest.approx(0.02, rel=0.05)
 
 
 def test_latent_parameters_get_their_own_learning_rate(tmp_path):
-    t = make_trainer(["latent=discrete", "codebook=4", "latent.lr_multiplier=10", "trainer.lr=1e-3",
-                      "trainer.warmup_steps=0", "trainer.lr_scheduler=constant"], tmp_path)
+    t = make_trainer(
+        [
+            "latent=discrete",
+            "codebook=4",
+            "latent.lr_multiplier=10",
+            "trainer.lr=1e-3",
+            "trainer.warmup_steps=0",
+            "trainer.lr_scheduler=constant",
+        ],
+        tmp_path,
+    )
     groups = t.optimizer.param_groups
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
     latent_ids = {id(p) for p in t.model.latent.parameters()}
@@ -381,7 +441,7 @@ def test_trainer_loss_is_base_plus_warmed_up_lambda_times_kl(tmp_path):
 def test_z_ablations_are_exact_when_z_cannot_matter(tmp_path):
     """With every code zero, z = 0, a shuffled z and the posterior's code all score like the prior's z:
     no decision changes. With large distinct codes they do."""
-    from lpc.analysis import latent_diagnostics
+    from lpc.evaluation.analysis import latent_diagnostics
 
     t = make_trainer(["latent=discrete", "codebook=4"], tmp_path, n_eval=64)
     with torch.no_grad():
@@ -414,7 +474,7 @@ def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(t.cfg.seed))
     batch = t._to_device(t.collate([t.eval_dataset[i] for i in range(16)]))
     with torch.no_grad():
-        from lpc.modeling import hidden_states
+        from lpc.policy import hidden_states
 
         model = t.model
         hidden = hidden_states(model.lm, batch)
@@ -423,11 +483,14 @@ def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
     torch.testing.assert_close(pairs["margin/z_shuffled"], res.chosen_rewards - res.rejected_rewards)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("latent.codebook_init=bogus", "latent.codebook_init"),
-    ("latent.lr_multiplier=0", "latent.lr_multiplier"),
-    ("latent.temperature_min=-1", "latent.temperature_min"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("latent.codebook_init=bogus", "latent.codebook_init"),
+        ("latent.lr_multiplier=0", "latent.lr_multiplier"),
+        ("latent.temperature_min=-1", "latent.temperature_min"),
+    ],
+)
 def test_bad_new_latent_options_are_config_errors(tmp_path, override, key):
     proc = run_train(["latent=discrete", override], tmp_path, check=False, timeout=120)
     out = proc.stdout + proc.stderr

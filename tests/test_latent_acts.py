@@ -4,12 +4,14 @@ A short LPC-DPO run on two opposite, visible annotator types must end with a z t
 it to 0 flips decisions, giving each prompt another prompt's z costs accuracy, the prior is far from
 uniform and its codes follow the types; and generating with each type's best code raises that
 type's ground-truth reward over the other's (what no DPO policy can be steered to do)."""
+
 from __future__ import annotations
 
 import json
 import math
 
 import pytest
+
 from conftest import read_metrics
 
 
@@ -51,6 +53,10 @@ def test_type_steered_generation_specialises_codes(tiny_lpc_acting_run, capsys):
         (mine, ci_mine), (theirs, ci_theirs) = (result["best_code"][str(m)]["report"][k] for k in (m, other))
         assert mine - ci_mine > theirs + ci_theirs, result["best_code"]
     assert result["best_code"]["0"]["code"] != result["best_code"]["1"]["code"]
+    # the code the prior picks for a tagged prompt steers toward that tag's type too
+    for m, other in ((0, 1), (1, 0)):
+        (mine, ci_mine), (theirs, ci_theirs) = (result["prior_code"][str(m)]["report"][k] for k in (m, other))
+        assert mine - ci_mine > theirs + ci_theirs, result["prior_code"]
     # opposite types: every response's two rewards sum to zero
     for name, row in result["rows"].items():
         assert math.isclose(sum(mu for mu, _ in row["report"]), 0.0, abs_tol=1e-9), name

@@ -4,6 +4,7 @@ The algorithm objects are also run through ``PreferenceTrainer.compute_loss`` wi
 so the summed-vs-length-averaged choice (``average_logps`` / IPO ``length_normalize``) is checked
 where the trainer makes it, for the policy and the reference alike.
 """
+
 import math
 from types import SimpleNamespace
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from lpc.losses import DPO, IPO, SimPO, dpo_loss, ipo_loss, lpc_objective, simpo_loss
-from lpc.modeling import PolicyOutput
-from lpc.trainer import PreferenceTrainer
+from lpc.policy import PolicyOutput
+from lpc.training.trainer import PreferenceTrainer
 
 
 def T(*xs):
@@ -51,7 +52,7 @@ def test_dpo_beta_scales_rewards():
 
 
 def test_simpo_loss_by_hand():
-    avg_c, avg_r = T(-0.5, -1.2), T(-1.5, -0.9)   # length-averaged log-probs
+    avg_c, avg_r = T(-0.5, -1.2), T(-1.5, -0.9)  # length-averaged log-probs
     out = simpo_loss(avg_c, avg_r, beta=2.0, gamma=1.0)
     # rewards 2*avg: chosen -1.0, -2.4; rejected -3.0, -1.8; margins 2.0, -0.6
     close(out.chosen_rewards, [-1.0, -2.4])
@@ -76,6 +77,7 @@ def test_lpc_objective_by_hand():
 
 
 # --------------------------------------------------------------------------- through the trainer
+
 
 def stub_trainer(algo, pol_sums, pol_counts, ref_sums=None, ref_counts=None):
     """A PreferenceTrainer whose policy and reference return fixed (chosen; rejected) log-prob sums."""

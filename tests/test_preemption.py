@@ -1,8 +1,9 @@
-"""lpc.preemption without SLURM: the guard turns submitit's handler into a flag and calls it on release."""
+"""lpc.training.preemption without SLURM: the guard turns submitit's handler into a flag and calls it on release."""
+
 import os
 import signal
 
-from lpc.preemption import PreemptionGuard
+from lpc.training.preemption import PreemptionGuard
 
 
 def test_guard_defers_the_submitit_handler_to_release(monkeypatch):

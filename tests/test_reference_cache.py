@@ -1,12 +1,14 @@
 """Reference log-probs: computed once, cached under $LPC_CACHE_DIR/ref_logps/<key>, hit by the next
 run that shares (model, data, tokenizer, lengths, precision), missed when any of them changes, and
 equal to the on-the-fly reference."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+
 from conftest import compose
 
 SMALL = ["data.n_train=48", "data.n_eval=24", "trainer.eval_batch_size=16"]
@@ -17,16 +19,17 @@ def prepare(overrides, cache):
     from hydra.utils import instantiate
 
     from lpc.data import PairCollator
-    from lpc.reference import attach_reference_logps, key_parts
     from lpc.run import build_datasets
+    from lpc.training.reference import attach_reference_logps, key_parts
 
     cfg = compose(SMALL + overrides)
     lm, tok = instantiate(cfg.model)
     train, ev, _ = build_datasets(cfg, tok)
     acc = Accelerator(cpu=True)
     parts = key_parts(cfg, lm, train, ev, acc.device.type)
-    splits, info = attach_reference_logps(lm, {"train": train, "eval": ev}, parts, acc,
-                                          PairCollator(tok.pad_token_id), 16, cache)
+    splits, info = attach_reference_logps(
+        lm, {"train": train, "eval": ev}, parts, acc, PairCollator(tok.pad_token_id), 16, cache
+    )
     return cfg, lm, tok, splits, info
 
 
@@ -59,19 +62,26 @@ def test_a_corrupted_or_foreign_entry_is_not_used(tmp_path):
 def test_precomputed_reference_gives_the_on_the_fly_losses(tmp_path):
     from hydra.utils import instantiate
 
-    from lpc.trainer import PreferenceTrainer
+    from lpc.training.trainer import PreferenceTrainer
 
     cfg, lm, tok, splits, _ = prepare(["latent=discrete", "codebook=4"], tmp_path)
 
     def trainer(ref, train, ev, sub):
-        from lpc.modeling import PreferenceModel
+        from lpc.policy import PreferenceModel
 
         torch.manual_seed(0)
         latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size)
         return PreferenceTrainer(
-            model=PreferenceModel(copy.deepcopy(lm), latent), ref_model=ref, tokenizer=tok,
-            algo=instantiate(cfg.algo), train_dataset=train, eval_dataset=ev, trainer_cfg=cfg.trainer,
-            run_dir=tmp_path / sub, optimizer_factory=instantiate(cfg.trainer.optimizer))
+            model=PreferenceModel(copy.deepcopy(lm), latent),
+            ref_model=ref,
+            tokenizer=tok,
+            algo=instantiate(cfg.algo),
+            train_dataset=train,
+            eval_dataset=ev,
+            trainer_cfg=cfg.trainer,
+            run_dir=tmp_path / sub,
+            optimizer_factory=instantiate(cfg.trainer.optimizer),
+        )
 
     plain = {k: v.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]) for k, v in splits.items()}
     on_the_fly = trainer(copy.deepcopy(lm), plain["train"], plain["eval"], "otf")
@@ -91,7 +101,7 @@ def test_precomputed_reference_gives_the_on_the_fly_losses(tmp_path):
 
 def test_a_precompute_run_builds_no_reference_model(tmp_path, monkeypatch):
     import lpc.run
-    from lpc.trainer import PreferenceTrainer
+    from lpc.training.trainer import PreferenceTrainer
 
     seen = {}
     original = PreferenceTrainer.__init__
@@ -102,8 +112,9 @@ def test_a_precompute_run_builds_no_reference_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PreferenceTrainer, "__init__", spy)
     monkeypatch.setenv("LPC_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = compose(SMALL + ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
-                           "trainer.batch_size=8"])
+    cfg = compose(
+        SMALL + ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "trainer.batch_size=8"]
+    )
     assert cfg.trainer.reference_logps == "precompute"  # the default
     (tmp_path / "run").mkdir()  # Hydra creates it in a real run
     metrics = lpc.run.run(cfg, tmp_path / "run")

@@ -1,4 +1,5 @@
-"""lpc.report on a hand-built sweep directory: seed aggregation, paper numbers, failed/missing runs, curves."""
+"""lpc.experiments.report on a hand-built sweep directory: seed aggregation, paper numbers, failed/missing runs, curves."""
+
 from __future__ import annotations
 
 import csv
@@ -12,10 +13,13 @@ from conftest import compose
 # noise sweep, reduced to flip {0.0, 0.5} x latent {none, discrete} x seeds {0, 1} = 8 grid points.
 GRID = ["experiment=noise", "sweep.grid.flip=[0.0,0.5]", "scale.seeds=[0,1]"]
 ACC = {  # (flip, latent, seed) -> eval/pref_accuracy of a completed run
-    ("0.0", "none", 0): 0.60, ("0.0", "none", 1): 0.64,
+    ("0.0", "none", 0): 0.60,
+    ("0.0", "none", 1): 0.64,
     ("0.0", "discrete", 0): 0.66,  # seed 1 failed
-    ("0.5", "none", 0): 0.55, ("0.5", "none", 1): 0.57,
-    ("0.5", "discrete", 0): 0.70, ("0.5", "discrete", 1): 0.74,
+    ("0.5", "none", 0): 0.55,
+    ("0.5", "none", 1): 0.57,
+    ("0.5", "discrete", 0): 0.70,
+    ("0.5", "discrete", 1): 0.74,
 }
 FAILED = ("0.0", "discrete", 1)
 
@@ -28,13 +32,14 @@ def make_run(sweep_dir, flip, latent, seed, acc=None):
     if acc is not None:
         (run_dir / "metrics.json").write_text(json.dumps({"eval/pref_accuracy": acc, "status": "completed"}))
     else:
-        (run_dir / "train.log").write_text("step 10/50 loss=0.69\nTraceback (most recent call last):\n"
-                                           "RuntimeError: CUDA out of memory (fake)\n")
+        (run_dir / "train.log").write_text(
+            "step 10/50 loss=0.69\nTraceback (most recent call last):\nRuntimeError: CUDA out of memory (fake)\n"
+        )
     return run_dir
 
 
 def test_report_aggregates_seeds_and_lists_failed_and_missing(tmp_path):
-    from lpc.report import write_report
+    from lpc.experiments.report import write_report
 
     for (flip, latent, seed), acc in ACC.items():
         make_run(tmp_path, flip, latent, seed, acc)
@@ -63,14 +68,19 @@ def test_report_aggregates_seeds_and_lists_failed_and_missing(tmp_path):
 
 
 def test_report_lists_missing_runs_from_the_manifest(tmp_path):
-    from lpc.report import write_report
+    from lpc.experiments.report import write_report
 
     for (flip, latent, seed), acc in ACC.items():
         make_run(tmp_path, flip, latent, seed, acc)
-    jobs = [{"overrides": {"flip": f, "latent": l, "seed": str(s)}, "dir": f"flip={f},latent={l},seed={s}"}
-            for f in ("0.0", "0.5") for l in ("none", "discrete") for s in (0, 1)]
-    (tmp_path / "sweep.json").write_text(json.dumps({"grid": {"flip": [0.0, 0.5], "latent": ["none", "discrete"],
-                                                              "seed": [0, 1]}, "jobs": jobs}))
+    jobs = [
+        {"overrides": {"flip": f, "latent": lat, "seed": str(s)}, "dir": f"flip={f},latent={lat},seed={s}"}
+        for f in ("0.0", "0.5")
+        for lat in ("none", "discrete")
+        for s in (0, 1)
+    ]
+    (tmp_path / "sweep.json").write_text(
+        json.dumps({"grid": {"flip": [0.0, 0.5], "latent": ["none", "discrete"], "seed": [0, 1]}, "jobs": jobs})
+    )
     summary = write_report(tmp_path)
     assert summary["missing"] == 1 and summary["failed"] == 0
     md = (tmp_path / "report.md").read_text()
@@ -85,8 +95,10 @@ def test_mixed_ratings_pairs_record_their_rating():
     from lpc.data.hub import UltraFeedback, mixed_pair
 
     # one prompt whose helpfulness and honesty orders disagree: the chosen answer says which rating won
-    comps = [{"response": "A", "annotations": {"helpfulness": {"Rating": "5"}, "honesty": {"Rating": "1"}}},
-             {"response": "B", "annotations": {"helpfulness": {"Rating": "1"}, "honesty": {"Rating": "5"}}}]
+    comps = [
+        {"response": "A", "annotations": {"helpfulness": {"Rating": "5"}, "honesty": {"Rating": "1"}}},
+        {"response": "B", "annotations": {"helpfulness": {"Rating": "1"}, "honesty": {"Rating": "5"}}},
+    ]
     row = {"instruction": "q", "source": "s", "completions": comps}
     rng = random.Random(0)
     pairs = [mixed_pair(row, ["helpfulness", "honesty"], rng) for _ in range(400)]
@@ -97,11 +109,13 @@ def test_mixed_ratings_pairs_record_their_rating():
 
 
 def test_table1_shows_downstream_metrics_when_present_and_na_otherwise(tmp_path):
-    from lpc.report import write_report
+    from lpc.experiments.report import write_report
 
     grid = ["experiment=table1", "scale.models=[tiny]", "sweep.grid.algo=[dpo]", "scale.seeds=[0]"]
-    for latent, metrics in (("none", {"lm_eval/arc_challenge/acc": 0.5, "lm_eval/gsm8k/exact_match": 0.25}),
-                            ("discrete", {})):
+    for latent, metrics in (
+        ("none", {"lm_eval/arc_challenge/acc": 0.5, "lm_eval/gsm8k/exact_match": 0.25}),
+        ("discrete", {}),
+    ):
         run_dir = tmp_path / f"algo=dpo,latent={latent},model=tiny,seed=0"
         (run_dir / ".hydra").mkdir(parents=True)
         OmegaConf.save(compose(grid + [f"latent={latent}"]), run_dir / ".hydra" / "config.yaml")

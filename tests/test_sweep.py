@@ -1,5 +1,6 @@
-"""lpc.sweep: every experiment composes at both scales (dry run), the grid is covered exactly, and a
+"""lpc.experiments.sweep: every experiment composes at both scales (dry run), the grid is covered exactly, and a
 rerun runs only the missing/failed runs (resuming the failed one from its checkpoint)."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,19 @@ import pytest
 from conftest import read_metrics
 
 PAPER_JOBS = {  # models x algos x latents x 5 seeds, K x 5, flips x latents x 5, latents x 5, mixtures x latents x 5
-    "table1": 3 * 3 * 2 * 5, "table2": 3 * 3 * 2 * 5, "codebook": 6 * 5, "noise": 4 * 2 * 5,
-    "continuous": 3 * 5, "mixed": 2 * 2 * 5,
+    "table1": 3 * 3 * 2 * 5,
+    "table2": 3 * 3 * 2 * 5,
+    "codebook": 6 * 5,
+    "noise": 4 * 2 * 5,
+    "continuous": 3 * 5,
+    "mixed": 2 * 2 * 5,
 }
 CPU_JOBS = {"table1": 1 * 3 * 2 * 2, "codebook": 6 * 2, "noise": 4 * 2 * 2, "continuous": 3 * 2, "mixed": 2 * 2 * 2}
 
 
 @pytest.mark.parametrize("experiment", sorted(PAPER_JOBS))
 def test_paper_scale_dry_run_lists_every_job_and_the_sbatch_parameters(experiment, capsys, tmp_path):
-    from lpc.sweep import main
+    from lpc.experiments.sweep import main
 
     assert main([f"experiment={experiment}", "scale=paper", "--dry-run", "--sweep-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -29,16 +34,16 @@ def test_paper_scale_dry_run_lists_every_job_and_the_sbatch_parameters(experimen
 
 
 def test_cpu_scale_job_counts(capsys, tmp_path):
-    from lpc.sweep import main
+    from lpc.experiments.sweep import main
 
     for experiment, n in CPU_JOBS.items():
         assert main([f"experiment={experiment}", "--dry-run", "--sweep-dir", str(tmp_path / experiment)]) == 0
         out = capsys.readouterr().out
-        assert f"launcher=local" in out and f"{n} jobs: 0 completed" in out, out[:300]
+        assert "launcher=local" in out and f"{n} jobs: 0 completed" in out, out[:300]
 
 
 def test_products_cover_exactly_the_runs_to_do():
-    from lpc.sweep import expand_grid, products
+    from lpc.experiments.sweep import expand_grid, products
 
     grid = {"model": ["a", "b"], "algo": ["dpo", "simpo", "ipo"], "seed": [0, 1, 2]}
     jobs = expand_grid(grid)
@@ -49,13 +54,21 @@ def test_products_cover_exactly_the_runs_to_do():
     assert sorted(map(str, covered)) == sorted(map(str, todo)) and len(cover) <= 4
 
 
-FAST = ["sweep.grid.codebook=[2,4]", "scale.seeds=[0]", "trainer.max_steps=4", "trainer.batch_size=8",
-        "trainer.eval_batch_size=16", "data.n_train=64", "data.n_eval=16", "trainer.log_every=2"]
+FAST = [
+    "sweep.grid.codebook=[2,4]",
+    "scale.seeds=[0]",
+    "trainer.max_steps=4",
+    "trainer.batch_size=8",
+    "trainer.eval_batch_size=16",
+    "data.n_train=64",
+    "data.n_eval=16",
+    "trainer.log_every=2",
+]
 
 
 def sweep(sweep_dir, capfd):
     """The driver in-process (it launches the training multirun as a subprocess); returns its stdout."""
-    from lpc.sweep import main
+    from lpc.experiments.sweep import main
 
     rc = main(["experiment=codebook", "--sweep-dir", str(sweep_dir), *FAST])
     out, err = capfd.readouterr()

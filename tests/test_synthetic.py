@@ -1,6 +1,7 @@
 """The synthetic benchmark's generator: determinism, the conflict and visibility knobs, label noise, and
 that its rows survive the pipeline (flip marker, tokenizer limits). Rewards are recomputed from the
 text with the word lists, independently of the generator's own reward code."""
+
 import math
 
 import pytest
@@ -73,7 +74,7 @@ def test_bradley_terry_noise_flips_labels_at_the_expected_rate():
     assert from_text == ds["noisy_label"]
     observed = sum(from_text) / len(ds)
     expected = sum(1 / (1 + math.exp(m / 0.1)) for m in ds["margin"]) / len(ds)  # P(flip) = sigmoid(-margin/T)
-    # the rate docs/benchmark.md states for T = 0.1 (10-11%), and what the rows show
+    # the rate docs/synthetic-benchmark.md states for T = 0.1 (10-11%), and what the rows show
     assert 0.095 < expected < 0.12
     assert abs(observed - expected) < 0.015
 
@@ -84,12 +85,14 @@ def test_empty_split_keeps_its_columns():
 
 
 def test_flip_marker_rows_fit_the_tiny_models_prompt_limit():
-    from lpc.models import build_tiny_tokenizer
+    from lpc.backbones import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(1024)
     ds = SyntheticPreferences(n_train=200, n_eval=8, n_types=12)()["train"]  # two-digit source tags
     flipped = flip_labels(ds, 0.5, seed=0, marker="[FLIP]")
-    assert sum(flipped["flipped"]) == 100 and all(p.endswith("[FLIP]") for p, f in zip(flipped["prompt"], flipped["flipped"]) if f)
+    assert sum(flipped["flipped"]) == 100 and all(
+        p.endswith("[FLIP]") for p, f in zip(flipped["prompt"], flipped["flipped"]) if f
+    )
     out, stats = tokenize_pairs(flipped, tok, max_length=64, max_prompt_length=24, split="train")
     assert len(out) == 200 and stats == {}
 
@@ -102,12 +105,15 @@ def test_tag_accuracy_makes_the_tag_a_weak_clue():
         SyntheticPreferences(tag_accuracy=1.5)
 
 
-@pytest.mark.parametrize("kw,ceiling", [
-    (dict(conflict=1.0, visibility="always"), 1.0),                      # the tag names the type: all knowable
-    (dict(conflict=1.0, visibility="never"), 0.5),                       # opposite types, no clue: a coin
-    (dict(conflict=1.0, visibility="always", tag_accuracy=0.75), 0.75),  # follow the tag: right 3 times in 4
-    (dict(conflict=0.0, visibility="never"), 1.0),                       # one preference: all knowable
-])
+@pytest.mark.parametrize(
+    "kw,ceiling",
+    [
+        (dict(conflict=1.0, visibility="always"), 1.0),  # the tag names the type: all knowable
+        (dict(conflict=1.0, visibility="never"), 0.5),  # opposite types, no clue: a coin
+        (dict(conflict=1.0, visibility="always", tag_accuracy=0.75), 0.75),  # follow the tag: right 3 times in 4
+        (dict(conflict=0.0, visibility="never"), 1.0),  # one preference: all knowable
+    ],
+)
 def test_bayes_ceiling_by_hand(kw, ceiling):
     """Opposite or identical types make every pair's ceiling the same number, worked out by hand."""
     ds = gen(n=200, **kw)
@@ -125,3 +131,11 @@ def test_bayes_ceiling_at_orthogonal_types_is_the_share_of_pairs_they_agree_on()
             assert ceil == pytest.approx(1.0 if dt * dd > 0 else 0.5)
         else:
             assert ceil == pytest.approx(1.0)
+
+
+def test_generated_text_is_read_with_the_generators_words():
+    from lpc.data.synthetic import generator_words, type_rewards
+
+    assert generator_words("preciselybakeries kindly\\x1c stuffwhatnot sari a") == ["precisely", "bakeries", "kindly", "stuff", "whatnot", "a"]
+    # type 0 = tone at conflict 1: (1 polite - 0 blunt) / 3 words; type 1 is its opposite
+    assert type_rewards("kindlyforests and", 2, 1.0) == pytest.approx([1 / 3, -1 / 3])

@@ -1,15 +1,26 @@
 """End-to-end training: it learns, writes its outputs, resumes exactly after a crash, accumulates
 gradients like a larger batch, trains the real SmolLM2 offline and logs to W&B offline."""
+
 import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import FAST, compose, read_metrics, run_train
 
-TRL_TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                  "logps/chosen", "logps/rejected", "grad_norm", "learning_rate")
+TRL_TRAIN_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+)
 EVAL_KEYS = ("eval/pref_accuracy", "eval/loss", "eval/margin")
 
 
@@ -24,6 +35,7 @@ def log_rows(run_dir: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- (a) a short run learns
+
 
 def test_short_run_learns_and_writes_its_outputs(tiny_dpo_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,11 +65,14 @@ def test_short_run_learns_and_writes_its_outputs(tiny_dpo_run):
 
 # --------------------------------------------------------------------------- (b) resume after a crash
 
+
 def crash_then_resume(overrides: list[str], run_dir: Path, crash_after: int = 30) -> dict:
     """Run until a hard exit after step ``crash_after`` (last checkpoint at step 20), then rerun the
     same command in the same run directory."""
     args = with_overrides(overrides, ["trainer.save_every=20"])
-    crashed = run_train(args, run_dir, env={"LPC_CRASH_AFTER_STEP": str(crash_after)}, check=False)
+    crashed = run_train(
+        args, run_dir, check=False, script=[str(Path(__file__).parent / "crash_after.py"), str(crash_after)]
+    )
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "final").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-20"]
@@ -108,26 +123,45 @@ def test_lpc_discrete_resume_matches_uninterrupted_run(tiny_lpc_run, tmp_path):
 
 # --------------------------------------------------------------------------- (c) gradient accumulation
 
+
 def train_in_process(overrides: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
     from accelerate.utils import set_seed
     from hydra.utils import instantiate
 
-    from lpc.distributed import build_accelerator
-    from lpc.modeling import PreferenceModel
+    from lpc.policy import PreferenceModel
     from lpc.run import build_datasets
-    from lpc.trainer import PreferenceTrainer
+    from lpc.training.distributed import build_accelerator
+    from lpc.training.trainer import PreferenceTrainer
 
-    cfg = compose(["data.n_train=64", "data.n_eval=16", "trainer.max_steps=3", "trainer.warmup_steps=0",
-                   "trainer.lr=0.5", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
-                   *overrides])
+    cfg = compose(
+        [
+            "data.n_train=64",
+            "data.n_eval=16",
+            "trainer.max_steps=3",
+            "trainer.warmup_steps=0",
+            "trainer.lr=0.5",
+            "trainer.log_every=1",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            *overrides,
+        ]
+    )
     run_dir.mkdir(parents=True)
     set_seed(cfg.seed)
     lm, tokenizer = instantiate(cfg.model)
     train_ds, eval_ds, _ = build_datasets(cfg, tokenizer)
     trainer = PreferenceTrainer(
-        model=PreferenceModel(lm), ref_model=copy.deepcopy(lm), tokenizer=tokenizer, algo=instantiate(cfg.algo),
-        train_dataset=train_ds, eval_dataset=eval_ds, trainer_cfg=cfg.trainer, run_dir=run_dir,
-        optimizer_factory=instantiate(cfg.trainer.optimizer), accelerator=build_accelerator(cfg.trainer, run_dir))
+        model=PreferenceModel(lm),
+        ref_model=copy.deepcopy(lm),
+        tokenizer=tokenizer,
+        algo=instantiate(cfg.algo),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        trainer_cfg=cfg.trainer,
+        run_dir=run_dir,
+        optimizer_factory=instantiate(cfg.trainer.optimizer),
+        accelerator=build_accelerator(cfg.trainer, run_dir),
+    )
     trainer.train()
     params = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).lm.state_dict().items()}
     return params, log_rows(run_dir)
@@ -139,8 +173,12 @@ SGD = ["trainer.optimizer._target_=torch.optim.SGD", "~trainer.optimizer.betas"]
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
-    big, big_log = train_in_process([*SGD, "trainer.batch_size=16", "trainer.gradient_accumulation_steps=1"], tmp_path / "a")
-    acc, acc_log = train_in_process([*SGD, "trainer.batch_size=8", "trainer.gradient_accumulation_steps=2"], tmp_path / "b")
+    big, big_log = train_in_process(
+        [*SGD, "trainer.batch_size=16", "trainer.gradient_accumulation_steps=1"], tmp_path / "a"
+    )
+    acc, acc_log = train_in_process(
+        [*SGD, "trainer.batch_size=8", "trainer.gradient_accumulation_steps=2"], tmp_path / "b"
+    )
     small, _ = train_in_process([*SGD, "trainer.batch_size=8", "trainer.gradient_accumulation_steps=1"], tmp_path / "c")
 
     def max_diff(p, q):
@@ -156,16 +194,30 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 
 # --------------------------------------------------------------------------- (d) the real SmolLM2
 
+
 @pytest.mark.slow
 def test_smollm2_trains_offline(tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
     # tiny batches and lengths: a 135M model step on CPU takes seconds
-    run_train(["model=smollm2", "trainer.max_steps=2", "trainer.batch_size=1", "trainer.eval_batch_size=4",
-               "data.n_train=4", "data.n_eval=4", "trainer.max_length=32", "trainer.max_prompt_length=16",
-               "trainer.save_every=0", "trainer.eval_every=0", "trainer.log_every=1"], run_dir,
-              env={"HF_HUB_OFFLINE": "1"})
+    run_train(
+        [
+            "model=smollm2",
+            "trainer.max_steps=2",
+            "trainer.batch_size=1",
+            "trainer.eval_batch_size=4",
+            "data.n_train=4",
+            "data.n_eval=4",
+            "trainer.max_length=32",
+            "trainer.max_prompt_length=16",
+            "trainer.save_every=0",
+            "trainer.eval_every=0",
+            "trainer.log_every=1",
+        ],
+        run_dir,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     m = read_metrics(run_dir)
     assert m["train/steps"] == 2 and m["data/eval_pairs"] == 4 and 0.0 <= m["eval/pref_accuracy"] <= 1.0
     rows = [r for r in log_rows(run_dir) if "loss" in r]
@@ -177,7 +229,7 @@ def test_smollm2_trains_offline(tmp_path):
     # the exported weights moved away from the offline SmolLM2 they started from
     from safetensors import safe_open
 
-    from lpc.models import default_cache_dir
+    from lpc.backbones import default_cache_dir
 
     with safe_open(str(default_cache_dir() / "models" / "SmolLM2-135M-Instruct" / "model.safetensors"), "pt") as f:
         start = f.get_tensor("model.norm.weight")

@@ -4,10 +4,12 @@ Unknown config-group options (``model=foo``, ``algo=bar``) are rejected by Hydra
 itself at composition time with the list of available options; everything
 below catches values that compose fine but make no sense.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,10 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 from lpc.errors import ConfigError  # noqa: F401  (re-exported: lpc.config.ConfigError)
 
 # Keys that do not change what a run computes: a resumed run may differ in these.
-NON_FINGERPRINT_KEYS = ("logger", "trainer.resume", "trainer.log_every", "trainer.eval_every",
-                        "trainer.save_every", "trainer.keep_checkpoints", "paths", "eval")
-
-
+NON_FINGERPRINT_KEYS = (
+    "logger",
+    "trainer.resume",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.save_every",
+    "trainer.keep_checkpoints",
+    "paths",
+    "eval",
+    "hardware",
+    "model.arch",
+)  # model.arch: shapes for lpc-plan, not read by training
 
 
 def _require(cond: bool, key: str, allowed: str, value) -> None:
@@ -27,20 +37,25 @@ def _require(cond: bool, key: str, allowed: str, value) -> None:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate(cfg: DictConfig) -> None:
     codebook = cfg.get("codebook")
-    _require(isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1,
-             "codebook", "an integer >= 1 (the number of latent codes K)", codebook)
+    _require(
+        isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1,
+        "codebook",
+        "an integer >= 1 (the number of latent codes K)",
+        codebook,
+    )
     flip = cfg.get("flip")
-    _require(_is_number(flip) and 0.0 <= flip <= 1.0, "flip", "a number in [0, 1] (fraction of training pairs flipped)", flip)
+    _require(
+        _is_number(flip) and 0.0 <= flip <= 1.0, "flip", "a number in [0, 1] (fraction of training pairs flipped)", flip
+    )
     _require(isinstance(cfg.get("seed"), int), "seed", "an integer", cfg.get("seed"))
 
-    algo = cfg.algo
-    known_algos = ("dpo", "simpo", "ipo")
-    _require(algo.get("name") in known_algos, "algo.name", f"one of {known_algos}", algo.get("name"))
+    algo = cfg.algo  # any loss object the algo group names (docs/architecture.md: adding a loss)
     if "beta" in algo:
         _require(_is_number(algo.beta) and algo.beta > 0, "algo.beta", "a number > 0", algo.beta)
     if "gamma" in algo:
@@ -50,18 +65,27 @@ def validate(cfg: DictConfig) -> None:
 
     t = cfg.trainer
     _require(isinstance(t.max_length, int) and t.max_length >= 2, "trainer.max_length", "an integer >= 2", t.max_length)
-    _require(isinstance(t.max_prompt_length, int) and 1 <= t.max_prompt_length < t.max_length,
-             "trainer.max_prompt_length", f"an integer in [1, trainer.max_length={t.max_length})", t.max_prompt_length)
+    _require(
+        isinstance(t.max_prompt_length, int) and 1 <= t.max_prompt_length < t.max_length,
+        "trainer.max_prompt_length",
+        f"an integer in [1, trainer.max_length={t.max_length})",
+        t.max_prompt_length,
+    )
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
         _require(isinstance(t[key], int) and t[key] >= 1, f"trainer.{key}", "an integer >= 1", t[key])
     _require(_is_number(t.lr) and t.lr > 0, "trainer.lr", "a number > 0", t.lr)
     _require(t.max_steps > 0 or t.epochs > 0, "trainer.max_steps", "> 0, or trainer.epochs > 0", t.max_steps)
     _require(t.precision in ("no", "bf16", "fp16"), "trainer.precision", "one of no, bf16, fp16", t.precision)
+    _require(
+        t.get("on_nonfinite", "error") in ("error", "skip_step"),
+        "trainer.on_nonfinite",
+        "error or skip_step",
+        t.get("on_nonfinite"),
+    )
     ref_mode = t.get("reference_logps", "on_the_fly")
     _require(ref_mode in ("precompute", "on_the_fly"), "trainer.reference_logps", "precompute or on_the_fly", ref_mode)
 
     data = cfg.data
-    _require(data.get("on_bad_row", "skip") in ("skip", "error"), "data.on_bad_row", "skip or error", data.get("on_bad_row"))
     if "train_file" in data or OmegaConf.is_missing(data, "train_file"):  # data=jsonl (??? until given)
         train_file = None if OmegaConf.is_missing(data, "train_file") else data.train_file
         _require(bool(train_file), "data.train_file", "a path to a local .jsonl/.json/.parquet/.csv file", train_file)
@@ -70,7 +94,13 @@ def validate(cfg: DictConfig) -> None:
             _require(os.path.exists(data[key]), f"data.{key}", "an existing file (no such file)", data[key])
     path = data.get("path")
     if path and (path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet"))):
-        _require(os.path.exists(os.path.expanduser(path)), "data.path", "an existing local file or directory, or a hub dataset name", path)
+        _require(
+            os.path.exists(os.path.expanduser(path)),
+            "data.path",
+            "an existing local file or directory, or a hub dataset name",
+            path,
+        )
+    _build_node(data)  # the data source's own checks (cheap: nothing is loaded until it is called)
 
     latent = cfg.latent
     known_latents = ("none", "discrete", "continuous")
@@ -79,7 +109,7 @@ def validate(cfg: DictConfig) -> None:
         _validate_latent(latent)
 
     if cfg.get("eval") is not None and cfg.eval.get("tasks"):
-        from lpc.evaluate import check_eval_node
+        from lpc.evaluation.harness import check_eval_node
 
         check_eval_node(cfg.eval)  # options, local task names, lm-eval installed
 
@@ -88,19 +118,30 @@ def _validate_latent(latent_cfg) -> None:
     """The latent module's constructor is the one place its options are checked: build it on the meta
     device (no memory, no weights) with a stand-in hidden size, and turn its complaint into a ConfigError."""
     import torch
-    from hydra.utils import instantiate
 
     codebook = latent_cfg.get("codebook_size")
     if codebook is not None:
-        _require(isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1,
-                 "codebook", "an integer >= 1 (the number of latent codes K)", codebook)
+        _require(
+            isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1,
+            "codebook",
+            "an integer >= 1 (the number of latent codes K)",
+            codebook,
+        )
     for key in ("mix_start", "mix_end", "mix_value"):
         v = latent_cfg.get(key, 0.0)
         _require(_is_number(v) and 0.0 <= v <= 1.0, f"latent.{key}", "a number in [0, 1]", v)
+    with torch.device("meta"):
+        _build_node(latent_cfg, hidden_size=8)
+
+
+def _build_node(node, **kwargs):
+    """Instantiate a config node whose constructor is its one validation, turning its complaint into a
+    ConfigError (Hydra wraps the constructor's exception: report the innermost message)."""
+    from hydra.utils import instantiate
+
     try:
-        with torch.device("meta"):
-            instantiate(latent_cfg, hidden_size=8)
-    except Exception as err:  # noqa: BLE001 - hydra wraps the constructor's error; report its message
+        return instantiate(node, **kwargs)
+    except Exception as err:  # noqa: BLE001
         cause = err
         while cause.__cause__ is not None:
             cause = cause.__cause__

@@ -1,10 +1,43 @@
 """The project's exception classes and the one choice check, in a leaf module (it imports nothing of
 ``lpc``), so the method, the training code and the config layer can all raise them without cycles."""
+
 from __future__ import annotations
 
 
 class ConfigError(ValueError):
     """A config value that is not allowed; the message names the key and what is allowed."""
+
+
+class DataError(ValueError):
+    """Bad data: a missing file or column, or bad rows under ``on_bad_row=error``."""
+
+
+class ModelUnavailable(RuntimeError):
+    """The requested model cannot be loaded here (not cached and offline, or a package missing)."""
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message says what to install."""
+
+
+class UsageError(ValueError):
+    """A bad command-line argument of one of the post-training commands; the message names it."""
+
+
+class PlanError(UsageError):
+    """``lpc-plan``: the config cannot be planned (a missing or inconsistent value)."""
+
+
+class GenerateError(UsageError):
+    """``lpc-generate``: a bad argument or a checkpoint that cannot do what was asked."""
+
+
+class ExportError(UsageError):
+    """``lpc-export``: a bad argument or input file."""
+
+
+class SteeringError(UsageError):
+    """``lpc-steer``: a bad argument or a run without ground-truth type rewards."""
 
 
 def check_choice(key: str, value, allowed) -> None:

@@ -18,8 +18,9 @@ logit offset. Codes drawn at std 0.02 have norm ~0.3 against ~11 for the hidden 
 to, so at the shared learning rate they barely move, every soft Gumbel mixture is nearly the same
 vector, and the prior gets no signal: the latent stays inert (measured: z = 0 changed 0-2 of 256
 decisions). Codes at the hidden state's scale, straight-through one-hot samples and a larger learning
-rate for the latent's parameters make the codes distinct from the first step (docs/benchmark.md).
+rate for the latent's parameters make the codes distinct from the first step (docs/synthetic-benchmark.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,13 +42,13 @@ CODEBOOK_INITS = ("hidden", "normal")
 
 @dataclass
 class LatentOutput:
-    z: torch.Tensor                      # (B, d) the latent added to the hidden states
-    kl: torch.Tensor                     # (B,) KL(q || p); zeros when no posterior input was given
+    z: torch.Tensor  # (B, d) the latent added to the hidden states
+    kl: torch.Tensor  # (B,) KL(q || p); zeros when no posterior input was given
     metrics: dict = field(default_factory=dict)
-    prior_probs: torch.Tensor | None = None       # (B, K) discrete only
-    posterior_probs: torch.Tensor | None = None   # (B, K) discrete only
-    prior_mean: torch.Tensor | None = None        # (B, d) continuous only
-    z_posterior: torch.Tensor | None = None       # (B, d) the posterior's code / mean (diagnostics, prior mode)
+    prior_probs: torch.Tensor | None = None  # (B, K) discrete only
+    posterior_probs: torch.Tensor | None = None  # (B, K) discrete only
+    prior_mean: torch.Tensor | None = None  # (B, d) continuous only
+    z_posterior: torch.Tensor | None = None  # (B, d) the posterior's code / mean (diagnostics, prior mode)
 
     def analysis(self) -> dict[str, torch.Tensor]:
         """Per-pair tensors for the latent analysis (code usage, NMI, t-SNE)."""
@@ -108,9 +109,22 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 
 
 class _LatentBase(nn.Module):
-    def __init__(self, hidden_size, kl_weight, posterior_input, head_hidden_size, mix_schedule,
-                 mix_start, mix_end, mix_value, z_positions, name, lr_multiplier=1.0, kl_warmup=0.0,
-                 kl_free_bits=0.0):
+    def __init__(
+        self,
+        hidden_size,
+        kl_weight,
+        posterior_input,
+        head_hidden_size,
+        mix_schedule,
+        mix_start,
+        mix_end,
+        mix_value,
+        z_positions,
+        name,
+        lr_multiplier=1.0,
+        kl_warmup=0.0,
+        kl_free_bits=0.0,
+    ):
         super().__init__()
         check_choice("latent.posterior_input", posterior_input, POSTERIOR_INPUTS)
         check_choice("latent.mix_schedule", mix_schedule, SCHEDULES)
@@ -144,7 +158,7 @@ class _LatentBase(nn.Module):
         return kl_warmup_weight(progress, self.kl_weight, self.kl_warmup)
 
     def calibrate(self, hidden_norm: float) -> None:
-        """Called once with the backbone's typical final hidden-state norm (see ``lpc.modeling``)."""
+        """Called once with the backbone's typical final hidden-state norm (see ``lpc.policy``)."""
 
     @property
     def dtype(self):
@@ -154,19 +168,52 @@ class _LatentBase(nn.Module):
 class DiscreteLatent(_LatentBase):
     """K learned codes e_k in R^d; ``z = w E`` with Gumbel-softmax weights ``w``."""
 
-    def __init__(self, hidden_size: int, codebook_size: int = 32, kl_weight: float = 0.05, temperature: float = 1.0,
-                 temperature_min: float | None = None, hard: bool = True, posterior_input: str = "concat",
-                 head_hidden_size: int | None = None, codebook_init: str = "hidden",
-                 codebook_init_scale: float = 1.0, lr_multiplier: float = 1.0, kl_warmup: float = 0.0,
-                 kl_free_bits: float = 0.0, mix_schedule: str = "linear", mix_start: float = 0.0,
-                 mix_end: float = 1.0, mix_value: float = 1.0, inference: str = "expectation",
-                 z_positions: str = "response", name: str = "discrete"):
-        super().__init__(hidden_size, kl_weight, posterior_input, head_hidden_size, mix_schedule,
-                         mix_start, mix_end, mix_value, z_positions, name, lr_multiplier, kl_warmup, kl_free_bits)
+    def __init__(
+        self,
+        hidden_size: int,
+        codebook_size: int = 32,
+        kl_weight: float = 0.05,
+        temperature: float = 1.0,
+        temperature_min: float | None = None,
+        hard: bool = True,
+        posterior_input: str = "concat",
+        head_hidden_size: int | None = None,
+        codebook_init: str = "hidden",
+        codebook_init_scale: float = 1.0,
+        lr_multiplier: float = 1.0,
+        kl_warmup: float = 0.0,
+        kl_free_bits: float = 0.0,
+        mix_schedule: str = "linear",
+        mix_start: float = 0.0,
+        mix_end: float = 1.0,
+        mix_value: float = 1.0,
+        inference: str = "expectation",
+        z_positions: str = "response",
+        name: str = "discrete",
+    ):
+        super().__init__(
+            hidden_size,
+            kl_weight,
+            posterior_input,
+            head_hidden_size,
+            mix_schedule,
+            mix_start,
+            mix_end,
+            mix_value,
+            z_positions,
+            name,
+            lr_multiplier,
+            kl_warmup,
+            kl_free_bits,
+        )
         require(codebook_size >= 1, "codebook", codebook_size, "an integer >= 1 (the number of codes K)")
         require(temperature > 0, "latent.temperature", temperature, "a number > 0")
-        require(temperature_min is None or temperature_min > 0, "latent.temperature_min", temperature_min,
-                "null (no annealing) or a number > 0")
+        require(
+            temperature_min is None or temperature_min > 0,
+            "latent.temperature_min",
+            temperature_min,
+            "null (no annealing) or a number > 0",
+        )
         check_choice("latent.inference", inference, DISCRETE_INFERENCE)
         check_choice("latent.codebook_init", codebook_init, CODEBOOK_INITS)
         require(codebook_init_scale >= 0, "latent.codebook_init_scale", codebook_init_scale, "a number >= 0")
@@ -210,7 +257,9 @@ class DiscreteLatent(_LatentBase):
     def prior_logits(self, h_prompt):
         return self.prior(h_prompt.to(self.dtype))
 
-    def forward(self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train") -> LatentOutput:
+    def forward(
+        self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train"
+    ) -> LatentOutput:
         p_logits = self.prior_logits(h_prompt)
         q_logits = None
         if h_chosen is not None:
@@ -250,8 +299,14 @@ class DiscreteLatent(_LatentBase):
             "latent/prior_posterior_agreement": (p.argmax(-1) == q.argmax(-1)).float().mean(),
             "latent/z_norm": z.detach().norm(dim=-1).mean(),
         }
-        return LatentOutput(z=z, kl=kl, metrics=metrics, prior_probs=p,
-                            posterior_probs=q if q_logits is not None else None, z_posterior=z_post)
+        return LatentOutput(
+            z=z,
+            kl=kl,
+            metrics=metrics,
+            prior_probs=p,
+            posterior_probs=q if q_logits is not None else None,
+            z_posterior=z_post,
+        )
 
 
 class ContinuousLatent(_LatentBase):
@@ -265,14 +320,40 @@ class ContinuousLatent(_LatentBase):
     A tiny initial variance (the former -8) made KL(q||p) = 0.5 e^8 |mu_q - mu_p|^2 at the start, so the
     posterior could carry nothing and z stayed at 0 (measured: z / hidden norm 0.001, no decision changed)."""
 
-    def __init__(self, hidden_size: int, kl_weight: float = 0.05, posterior_input: str = "concat",
-                 head_hidden_size: int | None = None, init_logvar: float = 0.0, mean_scale: float = 1.0,
-                 lr_multiplier: float = 1.0, kl_warmup: float = 0.0, kl_free_bits: float = 0.0,
-                 mix_schedule: str = "linear", mix_start: float = 0.0, mix_end: float = 1.0,
-                 mix_value: float = 1.0, inference: str = "mean", z_positions: str = "response",
-                 name: str = "continuous"):
-        super().__init__(hidden_size, kl_weight, posterior_input, head_hidden_size, mix_schedule,
-                         mix_start, mix_end, mix_value, z_positions, name, lr_multiplier, kl_warmup, kl_free_bits)
+    def __init__(
+        self,
+        hidden_size: int,
+        kl_weight: float = 0.05,
+        posterior_input: str = "concat",
+        head_hidden_size: int | None = None,
+        init_logvar: float = 0.0,
+        mean_scale: float = 1.0,
+        lr_multiplier: float = 1.0,
+        kl_warmup: float = 0.0,
+        kl_free_bits: float = 0.0,
+        mix_schedule: str = "linear",
+        mix_start: float = 0.0,
+        mix_end: float = 1.0,
+        mix_value: float = 1.0,
+        inference: str = "mean",
+        z_positions: str = "response",
+        name: str = "continuous",
+    ):
+        super().__init__(
+            hidden_size,
+            kl_weight,
+            posterior_input,
+            head_hidden_size,
+            mix_schedule,
+            mix_start,
+            mix_end,
+            mix_value,
+            z_positions,
+            name,
+            lr_multiplier,
+            kl_warmup,
+            kl_free_bits,
+        )
         check_choice("latent.inference", inference, CONTINUOUS_INFERENCE)
         require(mean_scale > 0, "latent.mean_scale", mean_scale, "a number > 0")
         self.inference, self.mean_scale = inference, float(mean_scale)
@@ -302,7 +383,9 @@ class ContinuousLatent(_LatentBase):
         mu, logvar = self._params(self.prior, h_prompt)
         return self.z_scale * (mu if (inference or self.inference) == "mean" else self._sample(mu, logvar))
 
-    def forward(self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train") -> LatentOutput:
+    def forward(
+        self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train"
+    ) -> LatentOutput:
         mu_p, lv_p = self._params(self.prior, h_prompt)
         post = self._params(self.posterior, self.combine(h_chosen, h_rejected)) if h_chosen is not None else None
         z_post = None
@@ -319,7 +402,10 @@ class ContinuousLatent(_LatentBase):
             raise ValueError(f"mode must be 'train' or 'prior', got {mode!r}")
         z = self.z_scale * u
         kl = gaussian_kl(*post, mu_p, lv_p) if post is not None else torch.zeros_like(mu_p[:, 0])
-        metrics = {"latent/kl": kl.detach().mean(), "latent/g": torch.tensor(g),
-                   "latent/prior_std": (0.5 * lv_p.detach()).exp().mean(),
-                   "latent/z_norm": z.detach().norm(dim=-1).mean()}
+        metrics = {
+            "latent/kl": kl.detach().mean(),
+            "latent/g": torch.tensor(g),
+            "latent/prior_std": (0.5 * lv_p.detach()).exp().mean(),
+            "latent/z_norm": z.detach().norm(dim=-1).mean(),
+        }
         return LatentOutput(z=z, kl=kl, metrics=metrics, prior_mean=self.z_scale * mu_p, z_posterior=z_post)

@@ -12,6 +12,7 @@ LPC does not get its own copies of these losses: by the general rule of the
 paper (Sec. 3.4) it evaluates the same loss with a z-conditioned policy and adds
 ``lambda * KL(q || p)``, see :func:`lpc_objective`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,8 +76,9 @@ def ipo_loss(
     return LossOutput(losses, chosen_rewards, rejected_rewards)
 
 
-def lpc_objective(losses_given_z: torch.Tensor, kl: torch.Tensor, kl_weight: float,
-                  free_bits: float = 0.0) -> torch.Tensor:
+def lpc_objective(
+    losses_given_z: torch.Tensor, kl: torch.Tensor, kl_weight: float, free_bits: float = 0.0
+) -> torch.Tensor:
     """The LPC rule (paper Sec. 3.4): an objective ``-log f(x, y_w, y_l)`` becomes
     ``-(E_{z~q} log f(x, y_w, y_l, z) - lambda KL(q||p))``.
 

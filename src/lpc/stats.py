@@ -6,6 +6,7 @@
 
 The t quantiles come from scipy (a dependency of scikit-learn, which the analysis already uses).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,8 @@ from dataclasses import asdict, dataclass
 class Summary:
     n: int
     mean: float
-    std: float | None       # sample std (ddof = 1); None for n = 1
-    ci95: float | None      # half-width of the 95% t interval of the mean; None for n = 1
+    std: float | None  # sample std (ddof = 1); None for n = 1
+    ci95: float | None  # half-width of the 95% t interval of the mean; None for n = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +43,7 @@ class Paired:
     n: int
     mean_diff: float
     ci95: float | None
-    p_value: float | None   # paired t-test, two-sided; None with fewer than 2 pairs or zero variance
+    p_value: float | None  # paired t-test, two-sided; None with fewer than 2 pairs or zero variance
 
 
 def paired_difference(method: dict, baseline: dict) -> Paired | None:

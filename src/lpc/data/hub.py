@@ -6,6 +6,7 @@ pipeline expects. Hub names load through ``datasets.load_dataset``; a local file
 or directory in the hub's own schema works the same way (that is what the tests
 use, from ``tests/fixtures``).
 """
+
 from __future__ import annotations
 
 import glob
@@ -14,6 +15,8 @@ import random
 from dataclasses import dataclass
 
 import datasets
+
+from lpc.data import PreferenceData
 
 RATING_KEYS = ("overall_score", "fine-grained_score", "helpfulness", "honesty", "truthfulness", "instruction_following")
 
@@ -47,13 +50,17 @@ def _load(path: str, split: str | None = None, **kwargs) -> datasets.Dataset:
     if os.path.isfile(path):
         return _load_files([path])
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(
+            os.path.join(path, "dataset_dict.json")
+        ):
             ds = datasets.load_from_disk(path)
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         files = _split_files(path, split or "train")
         if not files:
-            raise FileNotFoundError(f"{path} has no file for split {split!r} (expected {split}.jsonl, "
-                                    f"{split}.parquet or data/{split}-*.parquet)")
+            raise FileNotFoundError(
+                f"{path} has no file for split {split!r} (expected {split}.jsonl, "
+                f"{split}.parquet or data/{split}-*.parquet)"
+            )
         return _load_files(files)
     return datasets.load_dataset(path, split=split, **kwargs)
 
@@ -103,7 +110,7 @@ def mixed_pair(row: dict, ratings: list[str], rng: random.Random, rejected: str 
 
 
 @dataclass
-class UltraFeedback:
+class UltraFeedback(PreferenceData):
     """Raw ``openbmb/UltraFeedback`` (63,967 prompts, 4 completions each) turned into pairs."""
 
     path: str = "openbmb/UltraFeedback"
@@ -119,12 +126,15 @@ class UltraFeedback:
     mixed_ratings: tuple[str, ...] | list[str] = ("helpfulness", "honesty")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.rating not in RATING_KEYS + ("mixed",):
             raise ValueError(f"data.rating must be one of {RATING_KEYS + ('mixed',)}, got {self.rating!r}")
         if self.rating == "mixed":
             bad = [r for r in self.mixed_ratings if r not in RATING_KEYS]
             if len(self.mixed_ratings) < 2 or bad:
-                raise ValueError(f"data.mixed_ratings must list >= 2 of {RATING_KEYS}, got {list(self.mixed_ratings)!r}")
+                raise ValueError(
+                    f"data.mixed_ratings must list >= 2 of {RATING_KEYS}, got {list(self.mixed_ratings)!r}"
+                )
 
     def __call__(self) -> datasets.DatasetDict:
         raw = _load(self.path, self.split)
@@ -150,7 +160,7 @@ def _last_assistant(messages) -> str | None:
 
 
 @dataclass
-class UltraFeedbackBinarized:
+class UltraFeedbackBinarized(PreferenceData):
     """``HuggingFaceH4/ultrafeedback_binarized`` (chosen/rejected as message lists)."""
 
     path: str = "HuggingFaceH4/ultrafeedback_binarized"
@@ -163,20 +173,26 @@ class UltraFeedbackBinarized:
         if self.max_rows:
             ds = ds.select(range(min(self.max_rows, len(ds))))
         return ds.map(
-            lambda r: {"prompt": r["prompt"], "chosen": _last_assistant(r["chosen"]),
-                       "rejected": _last_assistant(r["rejected"]), "source": r.get("source", "") or ""},
+            lambda r: {
+                "prompt": r["prompt"],
+                "chosen": _last_assistant(r["chosen"]),
+                "rejected": _last_assistant(r["rejected"]),
+                "source": r.get("source", "") or "",
+            },
             remove_columns=ds.column_names,
         )
 
     def __call__(self) -> datasets.DatasetDict:
-        return datasets.DatasetDict({
-            "train": self._convert(_load(self.path, self.train_split)),
-            "eval": self._convert(_load(self.path, self.eval_split)),
-        })
+        return datasets.DatasetDict(
+            {
+                "train": self._convert(_load(self.path, self.train_split)),
+                "eval": self._convert(_load(self.path, self.eval_split)),
+            }
+        )
 
 
 @dataclass
-class JsonlPreferences:
+class JsonlPreferences(PreferenceData):
     """A local file (JSONL/JSON/Parquet/CSV) with ``prompt``, ``chosen``, ``rejected`` columns."""
 
     train_file: str = ""

@@ -23,41 +23,77 @@ Rows have the same columns as the UltraFeedback pairs (``prompt``, ``chosen``,
 ``noisy_label`` (the Bradley-Terry draw went against the type's own reward) and ``ceiling``: the
 probability that the best possible predictor, which knows the generator and sees the prompt and both
 responses but not the type, ranks the pair as labelled (Bayes' rule over the types; its mean over
-an eval set is the best achievable preference accuracy). ``docs/benchmark.md`` measures the label
+an eval set is the best achievable preference accuracy). ``docs/synthetic-benchmark.md`` measures the label
 noise rate (``python -m lpc.data.synthetic``).
 """
+
 from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
 import datasets
+
+from lpc.data import PreferenceData
 
 POLITE = ["please", "kindly", "thanks", "gladly", "certainly", "warmly", "happily", "respectfully"]
 BLUNT = ["just", "whatever", "obviously", "anyway", "simply", "frankly", "bluntly", "fine"]
 SPECIFIC = ["because", "specifically", "namely", "exactly", "measured", "precisely", "detailed", "concretely"]
 VAGUE = ["stuff", "things", "somehow", "maybe", "roughly", "kinda", "whatnot", "etc"]
 TOPICS = [
-    "rivers", "bridges", "gardens", "planets", "violins", "glaciers", "markets", "forests",
-    "engines", "islands", "bakeries", "comets", "libraries", "harbors", "deserts", "orchards",
-    "castles", "trains", "volcanoes", "museums", "lanterns", "canyons", "meadows", "lighthouses",
+    "rivers",
+    "bridges",
+    "gardens",
+    "planets",
+    "violins",
+    "glaciers",
+    "markets",
+    "forests",
+    "engines",
+    "islands",
+    "bakeries",
+    "comets",
+    "libraries",
+    "harbors",
+    "deserts",
+    "orchards",
+    "castles",
+    "trains",
+    "volcanoes",
+    "museums",
+    "lanterns",
+    "canyons",
+    "meadows",
+    "lighthouses",
 ]
 VERBS = ["describe", "explain", "summarize", "discuss", "review", "compare"]
 FILLER = ["the", "a", "and", "of", "with", "about", "is", "are", "it", "very"]
 VISIBILITY = {"always": 1.0, "sometimes": 0.5, "never": 0.0}
-FEATURES = datasets.Features({
-    "prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
-    "rejected": datasets.Value("string"), "source": datasets.Value("string"),
-    "type": datasets.Value("int64"), "margin": datasets.Value("float64"), "noisy_label": datasets.Value("bool"),
-    "ceiling": datasets.Value("float64"),
-})
+# Longest words first; short ones ("a", "of", "is", "it") only as whole words, not inside other text.
+_WORD_RE = re.compile("|".join(w if len(w) > 2 else rf"\b{w}\b" for w in sorted(
+    set(POLITE + BLUNT + SPECIFIC + VAGUE + TOPICS + VERBS + FILLER), key=len, reverse=True)))
+FEATURES = datasets.Features(
+    {
+        "prompt": datasets.Value("string"),
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "type": datasets.Value("int64"),
+        "margin": datasets.Value("float64"),
+        "noisy_label": datasets.Value("bool"),
+        "ceiling": datasets.Value("float64"),
+    }
+)
 
 
 def resolve_visibility(visibility: str | float) -> float:
     if isinstance(visibility, str):
         if visibility not in VISIBILITY:
-            raise ValueError(f"data.visibility must be one of {sorted(VISIBILITY)} or a float in [0, 1], got {visibility!r}")
+            raise ValueError(
+                f"data.visibility must be one of {sorted(VISIBILITY)} or a float in [0, 1], got {visibility!r}"
+            )
         return VISIBILITY[visibility]
     v = float(visibility)
     if not 0.0 <= v <= 1.0:
@@ -90,7 +126,7 @@ def reward(words: list[str], weight: tuple[float, float]) -> float:
 
 
 @dataclass
-class SyntheticPreferences:
+class SyntheticPreferences(PreferenceData):
     """Generator of a train/eval ``DatasetDict``; the ``data=synthetic`` config instantiates it."""
 
     n_train: int = 2000
@@ -108,6 +144,7 @@ class SyntheticPreferences:
     sources: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.n_types < 1:
             raise ValueError(f"data.n_types must be >= 1, got {self.n_types}")
         if not 0.0 <= float(self.conflict) <= 1.0:
@@ -206,15 +243,23 @@ class SyntheticPreferences:
 
     def __call__(self) -> datasets.DatasetDict:
         # Separate streams so the eval set does not change when n_train does.
-        return datasets.DatasetDict({
-            "train": self.generate(self.n_train, seed=self.seed * 2 + 1),
-            "eval": self.generate(self.n_eval, seed=self.seed * 2 + 2),
-        })
+        return datasets.DatasetDict(
+            {
+                "train": self.generate(self.n_train, seed=self.seed * 2 + 1),
+                "eval": self.generate(self.n_eval, seed=self.seed * 2 + 2),
+            }
+        )
+
+
+def generator_words(text: str) -> list[str]:
+    """The generator's words in a (generated) text, longest match first. A small model often writes
+    words without the space between them ("preciselybakeries"), which splitting on spaces would lose."""
+    return _WORD_RE.findall(text.lower())
 
 
 def type_rewards(text: str, n_types: int, conflict: float) -> list[float]:
-    """Every type's ground-truth reward of a (generated) response."""
-    words = text.split()
+    """Every type's ground-truth reward of a (generated) response, read with :func:`generator_words`."""
+    words = generator_words(text)
     return [reward(words, w) for w in type_weights(n_types, conflict)]
 
 

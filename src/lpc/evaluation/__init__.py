@@ -1,21 +1,20 @@
 """Evaluation of trained policies: the LPC-conditioned policy (z from the prior) for lm-evaluation-harness,
-local tasks in the harness's format (``tasks/``), and generation exports (``lpc.export``).
+local tasks in the harness's format (``tasks/``), and generation exports (``lpc.evaluation.export``).
 
 Importing this package does not import lm-eval (an optional extra); :func:`require_lm_eval` gives the
 message to install it.
 """
+
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
+from lpc.errors import MissingExtra  # noqa: F401  (raised here; defined with the others)
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 QUESTIONS_DIR = Path(__file__).resolve().parent / "questions"
 INSTALL_HINT = "pip install -e '.[eval]'  (or: pip install lm-eval)"
-
-
-class MissingExtra(ImportError):
-    """An optional dependency is not installed; the message says what to install."""
 
 
 def require_lm_eval():
@@ -23,5 +22,7 @@ def require_lm_eval():
     try:
         return importlib.import_module("lm_eval")
     except ImportError as err:
-        raise MissingExtra(f"lm-evaluation-harness is not installed (needed for `python -m lpc.evaluate`): "
-                           f"{INSTALL_HINT}. ({err})") from None
+        raise MissingExtra(
+            f"lm-evaluation-harness is not installed (needed for `python -m lpc.evaluation.harness`): "
+            f"{INSTALL_HINT}. ({err})"
+        ) from None

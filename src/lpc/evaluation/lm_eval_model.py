@@ -7,16 +7,17 @@ We override only the parts where z enters or where our checkpoints need a differ
 
 * ``_loglikelihood_tokens``: one backbone pass per batch; z from the prior at each request's last context
   token is added to the LM head input at the scored continuation positions (the same math as
-  ``lpc.modeling.response_logps``); logits are computed only there. Requests that share the same input
+  ``lpc.policy.response_logps``); logits are computed only there. Requests that share the same input
   tokens and context boundary (multiple-choice with one-token answers, e.g. MMLU's " A".." D") share one pass.
 * ``_model_generate``: z from the prior at each prompt's last token, then ``generate`` inside
-  ``lpc.modeling.conditioned_on``.
+  ``lpc.policy.conditioned_on``.
 * ``tok_encode`` / ``tok_batch_encode``: every context starts with exactly one BOS, as training prompts do
   (``lpc.data.encode_prompt``), whether or not the tokenizer or a chat template adds one.
 * ``loglikelihood_rolling``: the text is encoded without BOS; the harness's rolling windows start from BOS.
 
 A baseline checkpoint (no latent) runs the same code with z = None: a plain Hugging Face causal LM.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lpc.evaluation import require_lm_eval
 from lpc.data import encode_prompt
-from lpc.evaluation.policy import last_hidden, left_pad, prompt_prior_z, prior_z
 from lpc.errors import check_choice
+from lpc.evaluation import require_lm_eval
+from lpc.evaluation.inference import last_hidden, left_pad, prior_z, prompt_prior_z
 from lpc.latent import CONTINUOUS_INFERENCE, DISCRETE_INFERENCE
-from lpc.modeling import conditioned_on
+from lpc.policy import conditioned_on
 
 require_lm_eval()
 from lm_eval.api.registry import register_model  # noqa: E402
@@ -44,17 +45,33 @@ class LPCLM(HFLM):
     Also usable from lm-eval's own entry points once this module is imported, as model ``lpc`` with
     ``model_args="checkpoint=RUN_DIR"``."""
 
-    def __init__(self, model=None, tokenizer=None, checkpoint: str | None = None, batch_size: int = 8,
-                 max_length: int | None = None, max_gen_toks: int = 256, latent_inference: str | None = None,
-                 device: str | None = None, dtype: str | None = None, **_ignored):
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        checkpoint: str | None = None,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        latent_inference: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        **_ignored,
+    ):
         if model is None:
             if checkpoint is None:
                 raise ValueError("LPCLM needs a loaded PreferenceModel (model=...) or checkpoint=PATH")
             model, tokenizer, _ = load_for_eval(checkpoint, device, dtype)
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by the LPC wrapper: give an integer")
-        super().__init__(pretrained=model.lm, tokenizer=tokenizer, backend="causal", batch_size=int(batch_size),
-                         max_length=max_length, logits_cache=False)
+        super().__init__(
+            pretrained=model.lm,
+            tokenizer=tokenizer,
+            backend="causal",
+            batch_size=int(batch_size),
+            max_length=max_length,
+            logits_cache=False,
+        )
         self.latent = model.latent
         self.checkpoint = str(checkpoint) if checkpoint else None
         self._max_gen_toks = int(max_gen_toks)
@@ -64,7 +81,7 @@ class LPCLM(HFLM):
             self.latent.inference = latent_inference
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | None = None, dtype: str | None = None, **kwargs) -> "LPCLM":
+    def from_checkpoint(cls, path, device: str | None = None, dtype: str | None = None, **kwargs) -> LPCLM:
         model, tokenizer, _ = load_for_eval(path, device, dtype)
         return cls(model, tokenizer, checkpoint=str(path), **kwargs)
 
@@ -81,20 +98,27 @@ class LPCLM(HFLM):
         return self._max_gen_toks
 
     # ------------------------------------------------------------------ tokens
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
         if add_special_tokens is False:
             ids = self.tokenizer.encode(string, add_special_tokens=False)
         else:  # the training rule: exactly one BOS, whether or not the text (a chat template) has one
             ids = encode_prompt(self.tokenizer, string)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
-    def tok_batch_encode(self, strings: list[str], padding_side: str = "left", left_truncate_len: int | None = None,
-                         truncation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def tok_batch_encode(
+        self,
+        strings: list[str],
+        padding_side: str = "left",
+        left_truncate_len: int | None = None,
+        truncation: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if padding_side != "left":
             raise ValueError("generation prompts are left-padded")
-        return left_pad([self.tok_encode(s, left_truncate_len=left_truncate_len) for s in strings],
-                        self.tokenizer.pad_token_id)
+        return left_pad(
+            [self.tok_encode(s, left_truncate_len=left_truncate_len) for s in strings], self.tokenizer.pad_token_id
+        )
 
     # ------------------------------------------------------------------ log-likelihood
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
@@ -104,21 +128,21 @@ class LPCLM(HFLM):
         continuation's tokens are predicted from the last ``len(continuation)`` positions, the first of
         which is the context's last token, where the prior reads h."""
         L = self.max_length
-        inputs: dict[tuple, int] = {}        # (input tokens, index of the context's last token) -> unique id
+        inputs: dict[tuple, int] = {}  # (input tokens, index of the context's last token) -> unique id
         req_input = []
         for _, ctx, cont in requests:
             if not ctx or not cont:
                 raise ValueError("a loglikelihood request needs a non-empty context and continuation")
             if len(cont) > L:
                 raise ValueError(f"continuation of {len(cont)} tokens is longer than max_length={L}")
-            inp = tuple((list(ctx) + list(cont))[-(L + 1):][:-1])
+            inp = tuple((list(ctx) + list(cont))[-(L + 1) :][:-1])
             req_input.append(inputs.setdefault((inp, len(inp) - len(cont)), len(inputs)))
         keys = list(inputs)
-        order = sorted(range(len(keys)), key=lambda u: -len(keys[u][0]))   # long first: similar lengths batch
+        order = sorted(range(len(keys)), key=lambda u: -len(keys[u][0]))  # long first: similar lengths batch
         bs = int(override_bs or self.batch_size)
-        logps: list[torch.Tensor | None] = [None] * len(keys)                # per unique input: (n_scored, V)
+        logps: list[torch.Tensor | None] = [None] * len(keys)  # per unique input: (n_scored, V)
         for start in range(0, len(order), bs):
-            chunk = order[start:start + bs]
+            chunk = order[start : start + bs]
             for u, lp in zip(chunk, self._continuation_logprobs([keys[u] for u in chunk])):
                 logps[u] = lp
         out = []
@@ -138,8 +162,8 @@ class LPCLM(HFLM):
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):                      # right padding: positions are the unpadded ones
-            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        for i, s in enumerate(seqs):  # right padding: positions are the unpadded ones
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = last_hidden(self.model, ids, mask)
         rows = torch.arange(len(seqs), device=self.device)
@@ -157,8 +181,12 @@ class LPCLM(HFLM):
         out = []
         for (string,) in [r.args for r in requests]:
             tokens = self.tok_encode(string, add_special_tokens=False)
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1
+                )
+            ]
             total = sum(lp for lp, _ in self._loglikelihood_tokens([(None, c, t) for c, t in windows]))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)
@@ -171,23 +199,33 @@ class LPCLM(HFLM):
             mask = torch.ones_like(context)
         z = prompt_prior_z(self.model, self.latent, context, mask)
         if z is not None:  # generate() repeats each prompt num_beams x num_return_sequences times
-            z = z.repeat_interleave(generation_kwargs.get("num_beams", 1) * generation_kwargs.get("num_return_sequences", 1), 0)
+            z = z.repeat_interleave(
+                generation_kwargs.get("num_beams", 1) * generation_kwargs.get("num_return_sequences", 1), 0
+            )
         with conditioned_on(self.model, z):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:
         """No hub lookup (HFLM's asks the hub for a revision hash)."""
-        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-                "model_dtype": str(self.model.dtype), "checkpoint": self.checkpoint,
-                "latent": None if self.latent is None else self.latent.name,
-                "latent_inference": None if self.latent is None else self.latent.inference}
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "model_dtype": str(self.model.dtype),
+            "checkpoint": self.checkpoint,
+            "latent": None if self.latent is None else self.latent.name,
+            "latent_inference": None if self.latent is None else self.latent.inference,
+        }
 
 
 def load_for_eval(path, device: str | None = None, dtype: str | None = None):
     """``(PreferenceModel, tokenizer, cfg)`` on ``device`` (default: cuda if available), eval mode."""
-    from lpc.checkpoint import load_checkpoint
+    from lpc.training.checkpoint import load_checkpoint
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
+    torch_dtype = {
+        None: None,
+        "auto": None,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[dtype]
     return load_checkpoint(Path(path), device=device, dtype=torch_dtype)

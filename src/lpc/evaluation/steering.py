@@ -13,6 +13,7 @@ The best code per type is chosen on the first half of the prompts and its reward
 second half, so picking the best of K codes does not select noise. Writes ``steering.json`` and
 ``steering.md`` into ``RUN/analysis/`` and prints the table.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,13 +24,10 @@ import torch
 
 from lpc.data import encode_prompt
 from lpc.data.synthetic import TOPICS, VERBS, type_rewards
-from lpc.modeling import conditioned_on
+from lpc.errors import SteeringError  # noqa: F401  (raised here; defined with the others)
+from lpc.policy import conditioned_on
 
 DEFAULTS = {"prompts": 32, "samples": 4, "max_new_tokens": 16, "seed": 0, "temperature": 1.0}
-
-
-class SteeringError(ValueError):
-    """A bad argument or a run this evaluation cannot use; the message says which."""
 
 
 def steering_prompts(n: int, seed: int) -> list[str]:
@@ -42,8 +40,16 @@ def steering_prompts(n: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def generate_with_z(model, tokenizer, prompts: list[str], z: torch.Tensor | None, samples: int,
-                    max_new_tokens: int, temperature: float, seed: int) -> list[list[str]]:
+def generate_with_z(
+    model,
+    tokenizer,
+    prompts: list[str],
+    z: torch.Tensor | None,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[list[str]]:
     """``samples`` sampled continuations of each prompt with a fixed z (``(d,)`` or None), batched by
     prompt length so no padding enters the prompt (the prior and the policy see training's positions)."""
     lm = model.lm
@@ -59,11 +65,19 @@ def generate_with_z(model, tokenizer, prompts: list[str], z: torch.Tensor | None
         for _, idx in sorted(by_len.items()):
             ids = torch.tensor([encoded[i] for i in idx for _ in range(samples)], device=device)
             with conditioned_on(lm, z):
-                seq = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad,
-                                  eos_token_id=tokenizer.eos_token_id)
+                seq = lm.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
             for row, i in enumerate(j for j in idx for _ in range(samples)):
-                texts[i].append(tokenizer.decode(seq[row, ids.shape[1]:], skip_special_tokens=True))
+                texts[i].append(tokenizer.decode(seq[row, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 
@@ -75,10 +89,35 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * sd / math.sqrt(n) if n > 1 else 0.0
 
 
-def steering_table(model, tokenizer, n_types: int, conflict: float, prompts: int = 32, samples: int = 4,
-                   max_new_tokens: int = 16, seed: int = 0, temperature: float = 1.0) -> dict:
-    """Per code (and for z = 0 and the prior's z): each type's mean reward on both prompt halves; per
-    type: the code chosen on the first half and its rewards on the second."""
+@torch.no_grad()
+def prior_code(model, tokenizer, prompts: list[str]) -> int:
+    """The code the prior picks most often (argmax) for these prompts."""
+    from lpc.policy import hidden_states
+
+    votes: dict[int, int] = {}
+    for p in prompts:
+        ids = torch.tensor([encode_prompt(tokenizer, p)], device=next(model.lm.parameters()).device)
+        h = hidden_states(model.lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[:, -1]
+        k = int(model.latent.prior_logits(h).argmax(-1))
+        votes[k] = votes.get(k, 0) + 1
+    return max(votes, key=votes.get)
+
+
+def steering_table(
+    model,
+    tokenizer,
+    n_types: int,
+    conflict: float,
+    prompts: int = 32,
+    samples: int = 4,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    temperature: float = 1.0,
+    sources: list[str] | None = None,
+) -> dict:
+    """Per code (and for z = 0): each type's mean reward on both prompt halves; per type: the code chosen
+    on the first half and its rewards on the second, and the code the prior picks for prompts tagged with
+    the type's source (what a user gets by tagging a prompt)."""
     latent = model.latent
     if latent is None or not hasattr(latent, "codebook_size"):
         raise SteeringError("type-steered generation needs an LPC run with a discrete latent (a codebook)")
@@ -103,27 +142,43 @@ def steering_table(model, tokenizer, n_types: int, conflict: float, prompts: int
     for k in range(latent.codebook_size):
         rows[f"code {k}"] = rewards(latent.code_vector(k).detach())
     rows["z = 0"] = rewards(None)
-    result = {"n_types": n_types, "conflict": conflict, "prompts": len(texts_prompts), "samples": samples,
-              "rows": {}, "best_code": {}}
+    result = {
+        "n_types": n_types,
+        "conflict": conflict,
+        "prompts": len(texts_prompts),
+        "samples": samples,
+        "rows": {},
+        "best_code": {},
+    }
     for name, (select, report) in rows.items():
-        result["rows"][name] = {"select": [sum(v) / len(v) for v in select],
-                                "report": [_mean_ci(v) for v in report]}
+        result["rows"][name] = {"select": [sum(v) / len(v) for v in select], "report": [_mean_ci(v) for v in report]}
     codes = [n for n in rows if n.startswith("code ")]
     for m in range(n_types):
         best = max(codes, key=lambda n: result["rows"][n]["select"][m])
         result["best_code"][m] = {"code": int(best.split()[1]), "report": result["rows"][best]["report"]}
+    sources = list(sources or [f"source_{m}" for m in range(n_types)])
+    result["prior_code"] = {}
+    for m, src in enumerate(sources):
+        k = prior_code(model, tokenizer, [f"[{src}] {p}" for p in texts_prompts])
+        result["prior_code"][m] = {"source": src, "code": k, "report": result["rows"][f"code {k}"]["report"]}
     return result
 
 
 def markdown(result: dict) -> str:
     n = result["n_types"]
-    lines = [f"Held-out half: {result['prompts'] - result['prompts'] // 2} untagged prompts x {result['samples']} "
-             f"samples per row; mean ground-truth reward ± 95% interval.", "",
-             "| generated with | " + " | ".join(f"type {m} reward" for m in range(n)) + " |",
-             "|---|" + "---|" * n]
+    lines = [
+        f"Held-out half: {result['prompts'] - result['prompts'] // 2} untagged prompts x {result['samples']} "
+        f"samples per row; mean ground-truth reward ± 95% interval.",
+        "",
+        "| generated with | " + " | ".join(f"type {m} reward" for m in range(n)) + " |",
+        "|---|" + "---|" * n,
+    ]
     for m, b in result["best_code"].items():
         cells = " | ".join(f"{mu:+.3f} ± {ci:.3f}" for mu, ci in b["report"])
         lines.append(f"| best code for type {m} (code {b['code']}, chosen on the other half) | {cells} |")
+    for b in result.get("prior_code", {}).values():
+        cells = " | ".join(f"{mu:+.3f} ± {ci:.3f}" for mu, ci in b["report"])
+        lines.append(f"| the prior's code for `[{b['source']}]` prompts (code {b['code']}) | {cells} |")
     cells = " | ".join(f"{mu:+.3f} ± {ci:.3f}" for mu, ci in result["rows"]["z = 0"]["report"])
     lines.append(f"| z = 0 (no code: what DPO's policy can do) | {cells} |")
     return "\n".join(lines) + "\n"
@@ -151,7 +206,7 @@ def _parse(argv: list[str]) -> tuple[Path, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lpc.utils import atomic_write_json, atomic_write_text
+    from lpc.files import atomic_write_json, atomic_write_text
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help") for a in argv):
@@ -159,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         path, opts = _parse(argv)
-        from lpc.checkpoint import load_checkpoint
+        from lpc.training.checkpoint import load_checkpoint
 
         model, tokenizer, cfg = load_checkpoint(path)
         if cfg is None or cfg.data.get("name") != "synthetic":
             raise SteeringError(f"{path} was not trained on data=synthetic: no ground-truth type rewards to score with")
-        result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), **opts)
+        sources = list(cfg.data.get("sources") or []) or None
+        result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), sources=sources, **opts)
     except (SteeringError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

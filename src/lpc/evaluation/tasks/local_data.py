@@ -5,6 +5,7 @@ The YAMLs name these functions as ``custom_dataset`` (lm-eval calls them instead
 The row schemas are those of the hub datasets the tasks mirror (allenai/ai2_arc, openai/gsm8k,
 truthfulqa/truthful_qa generation, cais/mmlu), so the prompts and metrics are the hub tasks' own.
 """
+
 import json
 from pathlib import Path
 

@@ -1,0 +1,203 @@
+"""Generate answers for AlpacaEval 2 and MT-bench, in the files those tools read.
+
+    python -m lpc.evaluation.export CHECKPOINT format=alpaca_eval [questions=PATH] [out=PATH] [model_id=NAME]
+    python -m lpc.evaluation.export CHECKPOINT format=mt_bench    [questions=PATH] [out=PATH] [model_id=NAME]
+
+* ``alpaca_eval``: questions are alpaca_eval's evaluation set (a JSON list, or JSONL, of rows
+  ``{instruction, output, generator, dataset}``; only ``instruction`` and ``dataset`` are read). Writes
+  ``model_outputs.json``: a JSON list of ``{instruction, output, generator, dataset}``, what
+  ``alpaca_eval --model_outputs model_outputs.json`` reads. Default out: ``<run>/eval/alpaca_eval/model_outputs.json``.
+* ``mt_bench``: questions are FastChat's ``data/mt_bench/question.jsonl`` (rows ``{question_id, category,
+  turns}``). Writes FastChat's ``model_answer/<model_id>.jsonl`` rows ``{question_id, answer_id, model_id,
+  choices: [{index: 0, turns: [...]}], tstamp}``; turn 2 is generated with turn 1 and its answer in the
+  conversation. Default out: ``<run>/eval/mt_bench/model_answer/<model_id>.jsonl`` (copy it to FastChat's
+  ``data/mt_bench/model_answer/`` and run its judge).
+
+Without ``questions=``, tiny question files shipped in ``lpc/evaluation/questions/`` are used (for a
+smoke test). Every prompt is the conversation in the tokenizer's chat template with exactly one BOS
+(``lpc.data.encode_prompt``); LPC checkpoints generate with z from the prior of that prompt (``lpc.evaluation.generate``).
+Other options: max_new_tokens (default 512), greedy (default true), temperature, top_p, seed, limit, device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from lpc.errors import ExportError  # noqa: F401  (raised here; defined with the others)
+from lpc.evaluation import QUESTIONS_DIR
+from lpc.files import atomic_write_text
+
+FORMATS = ("alpaca_eval", "mt_bench")
+DEFAULT_QUESTIONS = {
+    "alpaca_eval": QUESTIONS_DIR / "alpaca_eval_tiny.json",
+    "mt_bench": QUESTIONS_DIR / "mt_bench_tiny.jsonl",
+}
+
+
+@dataclass
+class ExportConfig:
+    format: str = "alpaca_eval"
+    questions: Optional[str] = None
+    out: Optional[str] = None
+    model_id: Optional[str] = None  # AlpacaEval's `generator`, FastChat's `model_id`; default: the run's name
+    max_new_tokens: int = 512
+    greedy: bool = True
+    temperature: float = 0.7  # used when greedy=false
+    top_p: float = 1.0
+    seed: int = 0
+    limit: Optional[int] = None  # first N questions only
+    device: Optional[str] = None
+
+
+def load_questions(path: Path, fmt: str) -> list[dict]:
+    """Rows of a JSON list or a JSONL file, checked against the format's schema."""
+    text = Path(path).read_text()
+    rows = (
+        json.loads(text)
+        if text.lstrip().startswith("[")
+        else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    )
+    need = {"alpaca_eval": ("instruction",), "mt_bench": ("question_id", "turns")}[fmt]
+    for i, row in enumerate(rows):
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise ExportError(f"questions={path}: row {i} has no {missing} (format={fmt} needs {list(need)})")
+        if fmt == "mt_bench" and not (isinstance(row["turns"], list) and row["turns"]):
+            raise ExportError(f"questions={path}: row {i}: turns must be a non-empty list of strings")
+    return rows
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The conversation rendered by the tokenizer's chat template, ready for the assistant's answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ExportError(
+            "this checkpoint's tokenizer has no chat template; AlpacaEval/MT-bench answers need one "
+            "(set tokenizer.chat_template in the checkpoint's tokenizer_config.json)"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids the model sees for ``messages``: chat template, then exactly one BOS."""
+    from lpc.data import encode_prompt
+
+    return encode_prompt(tokenizer, chat_prompt(tokenizer, messages))
+
+
+def answer(model, tokenizer, messages: list[dict], cfg: ExportConfig) -> str:
+    from lpc.evaluation.generate import generate
+
+    gen = generate(
+        model,
+        tokenizer,
+        [chat_prompt(tokenizer, messages)],
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        greedy=cfg.greedy,
+        chat_template=False,
+    )  # already rendered; generate() encodes with encode_prompt (one BOS)
+    return gen[0].text.strip()
+
+
+def export_alpaca_eval(model, tokenizer, rows: list[dict], model_id: str, cfg: ExportConfig) -> list[dict]:
+    return [
+        {
+            "instruction": r["instruction"],
+            "output": answer(model, tokenizer, [{"role": "user", "content": r["instruction"]}], cfg),
+            "generator": model_id,
+            "dataset": r.get("dataset", ""),
+        }
+        for r in rows
+    ]
+
+
+def export_mt_bench(model, tokenizer, rows: list[dict], model_id: str, cfg: ExportConfig) -> list[dict]:
+    out = []
+    for r in rows:
+        messages, turns = [], []
+        for turn in r["turns"]:
+            messages.append({"role": "user", "content": turn})
+            turns.append(answer(model, tokenizer, messages, cfg))
+            messages.append({"role": "assistant", "content": turns[-1]})
+        out.append(
+            {
+                "question_id": r["question_id"],
+                "answer_id": uuid.uuid4().hex,
+                "model_id": model_id,
+                "choices": [{"index": 0, "turns": turns}],
+                "tstamp": time.time(),
+            }
+        )
+    return out
+
+
+def export(checkpoint, cfg: ExportConfig, model=None, tokenizer=None) -> Path:
+    """Write the answers file for ``cfg.format``; returns its path."""
+    from lpc.evaluation.harness import run_dir_of
+
+    if cfg.format not in FORMATS:
+        raise ExportError(f"format={cfg.format!r} is not allowed: one of {FORMATS}")
+    run_dir, model_dir = run_dir_of(Path(checkpoint))
+    questions = Path(cfg.questions) if cfg.questions else DEFAULT_QUESTIONS[cfg.format]
+    if not questions.exists():
+        raise ExportError(f"questions={questions}: no such file")
+    rows = load_questions(questions, cfg.format)[: cfg.limit]
+    model_id = cfg.model_id or run_dir.name
+    if model is None:
+        import torch
+
+        from lpc.training.checkpoint import load_checkpoint
+
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer, _ = load_checkpoint(model_dir, device=device)
+    chat_prompt(tokenizer, [{"role": "user", "content": "x"}])  # fail before generating if there is no template
+    if cfg.format == "alpaca_eval":
+        out = Path(cfg.out) if cfg.out else run_dir / "eval" / "alpaca_eval" / "model_outputs.json"
+        atomic_write_text(out, json.dumps(export_alpaca_eval(model, tokenizer, rows, model_id, cfg), indent=2) + "\n")
+    else:
+        out = Path(cfg.out) if cfg.out else run_dir / "eval" / "mt_bench" / "model_answer" / f"{model_id}.jsonl"
+        answers = export_mt_bench(model, tokenizer, rows, model_id, cfg)
+        atomic_write_text(out, "".join(json.dumps(a) + "\n" for a in answers))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = ExportConfig(
+            **OmegaConf.to_container(
+                OmegaConf.merge(OmegaConf.structured(ExportConfig), OmegaConf.from_dotlist(argv[1:]))
+            )
+        )
+        path = export(argv[0], cfg)
+    except OmegaConfBaseException as err:
+        print(
+            f"error: option {getattr(err, 'full_key', '?')!r}: {str(err).splitlines()[0]} "
+            f"(allowed: {', '.join(ExportConfig.__dataclass_fields__)})",
+            file=sys.stderr,
+        )
+        return 2
+    except (ExportError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

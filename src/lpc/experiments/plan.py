@@ -1,0 +1,862 @@
+"""Will a training run fit on the GPUs, and what will it cost? Estimates from the config alone.
+
+    python -m lpc.plan <the overrides of src/train.py> [hardware=a100_80g_x8|h100_80g_x8|a100_40g_x8|cpu]
+                       [--pairs N] [--mfu 0.4] [--headroom 0.1] [--json] [--verbose]
+
+e.g. ``python -m lpc.plan model=llama3_8b algo=dpo distributed=zero3 hardware=a100_80g_x8``.
+Nothing is downloaded, built or run: the model's shapes come from ``model.arch`` in conf/model/*.yaml.
+A sweep (``algo=dpo,simpo``, ``seed=range(0,5)`` or an experiment's ``sweep.grid``) is planned job by job,
+with totals. Exit code: 0 every job fits, 1 some job does not (the smallest change that fits is printed
+as overrides to add), 2 a config error.
+
+Per GPU it adds up (every formula and its source: docs/planning.md):
+
+* weights + gradients + optimizer states: mixed precision (``trainer.precision=bf16|fp16``) 2 + 2 + 12
+  bytes per trainable parameter (16-bit weights and gradients; AdamW's fp32 master weights and two fp32
+  moments), ZeRO (Rajbhandari et al. 2020, K=12); ``precision=no``: AdamW in the weights' own dtype,
+  4 + 4 + 8 for fp32. ``distributed=fsdp|zero3`` divide them by the number of GPUs, ``none|ddp`` do not.
+* the frozen reference model: its weights in ``model.dtype``, replicated on every GPU (the trainer never
+  shards it); none with ``trainer.reference_logps=precompute`` or for SimPO (no reference).
+* fsdp/zero3: the 16-bit parameters gathered at a time (the embedding/LM-head unit and two decoder layers).
+* activations of one micro-batch (``trainer.batch_size`` pairs = 2 x batch_size sequences of
+  ``trainer.max_length`` tokens), Korthikanti et al. 2022: ``s b h (34 + 5 a s / h)`` bytes per layer
+  without checkpointing (the ``5 a s / h`` attention-score term only for ``attn_implementation=eager``;
+  SDPA/FlashAttention keep no s x s matrix); ``2 s b h`` per layer with full checkpointing plus one
+  layer's full activations while it is recomputed. Scaled by 2 for fp32 activations (precision=no, fp32 model).
+* the logits of the scored tokens (at most s per sequence): 8 bytes per (token, vocabulary entry), the
+  fp32 logits plus one fp32 temporary of their shape (logsumexp's x - max in the forward, their gradient
+  in the backward); at evaluation (no gradient) the same for ``2 x trainer.eval_batch_size`` sequences.
+
+The verdict compares the larger of the training and evaluation peaks with ``hardware.gpu_memory_gb``
+GiB less a headroom (default 10%) for the CUDA context, allocator fragmentation and temporaries.
+Compute: FLOPs = 6 N T for the policy (Kaplan et al. 2020) + 2 N T for the reference forward when it runs
+on the fly (+ 2 N per token of the training set once, cached, when it is precomputed); T = pairs seen x 2
+x max_length, an upper bound (padding counted); GPU-hours = FLOPs / (peak x MFU).
+
+These are estimates, not measurements. Python API: :func:`plan` (one job) and :func:`format_plan`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lpc.errors import PlanError
+
+GiB = 2**30
+DEFAULT_PAIRS = 61_135  # HuggingFaceH4/ultrafeedback_binarized, split train_prefs
+DEFAULT_MFU = 0.4
+DEFAULT_HEADROOM = 0.10  # of the GPU's memory, for the CUDA context, fragmentation and temporaries
+DEFAULT_HARDWARE = "a100_80g_x8"
+MAX_NODES = 64  # the largest job the suggestion search considers (hardware.nodes)
+SHARDED = ("fsdp", "zero3")
+DISTRIBUTED = ("none", "ddp", "fsdp", "zero3")
+PRECISIONS = ("no", "bf16", "fp16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: hub checkpoints are 16-bit
+OFFLOAD_OVERRIDE = "distributed.accelerate_config=<a copy of zero3.yaml with offload_optimizer_device: cpu>"
+
+
+def find_conf_dir() -> Path:
+    """The Hydra config tree (package data: ``lpc.conf``)."""
+    from lpc.conf import CONF_DIR
+
+    return Path(CONF_DIR)
+
+
+def load_hardware(name: str, conf_dir: str | Path | None = None) -> dict:
+    """A hardware config (conf/hardware/NAME.yaml) as a dict, for :func:`plan` on a config composed
+    without the hardware group."""
+    path = Path(conf_dir or find_conf_dir()) / "hardware" / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(q.stem for q in path.parent.glob("*.yaml"))
+        raise PlanError(f"hardware={name!r} is not allowed: one of {', '.join(options)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+# --------------------------------------------------------------------------- architecture
+@dataclass(frozen=True)
+class Arch:
+    """A Llama/Mistral-style decoder: no biases, SwiGLU MLP, RMSNorm, grouped-query attention."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def layer_parameters(self) -> int:
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attention = h * h + 2 * h * kv + h * h  # q, k, v, o projections
+        mlp = 3 * h * self.intermediate_size  # gate, up, down
+        return attention + mlp + 2 * h  # + input and post-attention RMSNorm weights
+
+    @property
+    def embedding_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def num_parameters(self) -> int:
+        head = 0 if self.tie_word_embeddings else self.embedding_parameters
+        return (
+            self.embedding_parameters + self.num_hidden_layers * self.layer_parameters + self.hidden_size + head
+        )  # final RMSNorm, untied lm_head
+
+
+ARCH_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def _int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{key}={value!r} is not allowed: a positive integer")
+    return value
+
+
+def arch_of(model_cfg: Mapping) -> tuple[Arch, int | None]:
+    """The model's architecture from ``model.arch`` (or, lacking one, from top-level size keys as the
+    tiny model has them), and the parameter count the config states (None: not stated)."""
+    name = model_cfg.get("name", "?")
+    node = model_cfg.get("arch")
+    if node is None:
+        if not all(k in model_cfg for k in ARCH_KEYS):
+            raise PlanError(
+                f"model={name} has no `model.arch` node (hidden_size, num_hidden_layers, ...; "
+                f"see conf/model/llama3_8b.yaml), so it cannot be planned without loading it"
+            )
+        node = {**{k: model_cfg[k] for k in ARCH_KEYS}, "tie_word_embeddings": False}
+    values = {k: _int(node.get(k), f"model.arch.{k}") for k in ARCH_KEYS}
+    if isinstance(model_cfg.get("vocab_size"), int):  # the tiny loader's tokenizer has at most this many tokens
+        values["vocab_size"] = min(values["vocab_size"], model_cfg["vocab_size"])
+    arch = Arch(**values, tie_word_embeddings=bool(node.get("tie_word_embeddings", False)))
+    if arch.hidden_size % arch.num_attention_heads or arch.num_attention_heads % arch.num_key_value_heads:
+        raise PlanError(
+            f"model={name}: hidden_size {arch.hidden_size}, {arch.num_attention_heads} heads and "
+            f"{arch.num_key_value_heads} KV heads do not divide"
+        )
+    stated = node.get("num_parameters")
+    if stated is not None and stated != arch.num_parameters:
+        raise PlanError(
+            f"model={name}: model.arch.num_parameters={stated:,} but its shapes give "
+            f"{arch.num_parameters:,} (embeddings + layers x (q,k,v,o, gate,up,down, 2 norms) "
+            f"+ final norm + untied lm_head)"
+        )
+    return arch, stated
+
+
+def latent_parameters(latent_cfg: Mapping, hidden_size: int) -> int:
+    """Trainable parameters of the LPC latent module (lpc.latent): 0 for latent=none."""
+    target = str(latent_cfg.get("_target_") or "")
+    if not target:
+        return 0
+    hh = latent_cfg.get("head_hidden_size") or hidden_size
+    inputs = {"concat": 2, "diff": 1, "concat_diff": 3}.get(latent_cfg.get("posterior_input", "concat"))
+    if inputs is None:
+        raise PlanError(
+            f"latent.posterior_input={latent_cfg.get('posterior_input')!r} is not allowed: concat, diff or concat_diff"
+        )
+
+    def mlp(d_in: int, d_out: int) -> int:  # Linear(d_in, hh) + GELU + Linear(hh, d_out), with biases
+        return d_in * hh + hh + hh * d_out + d_out
+
+    if target.endswith("DiscreteLatent"):
+        k = _int(latent_cfg.get("codebook_size"), "latent.codebook_size")
+        return k * hidden_size + mlp(hidden_size, k) + mlp(inputs * hidden_size, k)
+    if target.endswith("ContinuousLatent"):
+        return mlp(hidden_size, 2 * hidden_size) + mlp(inputs * hidden_size, 2 * hidden_size)
+    raise PlanError(f"latent._target_={target!r}: unknown latent module (DiscreteLatent or ContinuousLatent)")
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """One job's estimate. Memory in bytes per GPU (the ``*_gib`` helpers give GiB); compute per run."""
+
+    # what runs where
+    model: str
+    algo: str
+    latent: str
+    distributed: str
+    precision: str
+    model_dtype: str
+    hardware: str
+    gpu_memory_gb: float
+    gpus_per_node: int
+    nodes: int
+    world: int  # processes = GPUs used (1 for distributed=none)
+    n_params: int  # the language model
+    n_latent_params: int
+    seq_len: int
+    batch_pairs: int  # per process per micro-batch
+    eval_batch_pairs: int
+    gradient_checkpointing: bool
+    reference: str  # on_the_fly | precompute | none (SimPO)
+    attention_scores_stored: bool  # attn_implementation=eager
+    offload_optimizer: bool
+    # memory per GPU (bytes)
+    weights: float
+    gradients: float
+    optimizer: float
+    reference_weights: float
+    gathered: float
+    activations_checkpointing: float
+    activations_no_checkpointing: float
+    logits: float
+    eval_logits: float
+    host_offload_per_node: float
+    train_peak: float
+    eval_peak: float
+    peak: float
+    headroom: float
+    budget: float
+    fits: bool
+    # compute per run
+    pairs: int  # training pairs in the data set
+    pairs_source: str  # where that number comes from
+    global_batch: int
+    steps: int
+    pairs_seen: int
+    tokens: int
+    flops_policy: float
+    flops_reference: float  # on the fly
+    flops_precompute: float  # once per (model, data, length, precision): cached, shared by a sweep
+    mfu: float
+    peak_tflops: float
+    gpu_hours: float
+    wall_hours: float
+    overrides: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    suggestion: str | None = None  # the overrides to add so that it fits (None: fits, or nothing found)
+    suggested: Plan | None = None  # the plan with the suggestion applied
+
+    @property
+    def n_trainable(self) -> int:
+        return self.n_params + self.n_latent_params
+
+    @property
+    def activations(self) -> float:
+        return self.activations_checkpointing if self.gradient_checkpointing else self.activations_no_checkpointing
+
+    @property
+    def states(self) -> float:
+        """Weights + gradients + optimizer states on one GPU (the ZeRO formula)."""
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def flops(self) -> float:
+        return self.flops_policy + self.flops_reference + self.flops_precompute
+
+    @property
+    def precompute_key(self) -> tuple | None:
+        if self.reference != "precompute":
+            return None
+        return (self.model, self.pairs, self.seq_len, self.precision, self.model_dtype)
+
+    def gib(self, name: str) -> float:
+        return getattr(self, name) / GiB
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("suggested")
+        out["suggested"] = self.suggested.to_dict() if self.suggested else None
+        out.update(n_trainable=self.n_trainable, activations=self.activations, states=self.states, flops=self.flops)
+        return out
+
+
+@dataclass
+class _Setup:
+    """The inputs of one estimate, normalised (what the suggestion search changes)."""
+
+    model: str
+    algo: str
+    latent: str
+    arch: Arch
+    n_latent: int
+    dtype: str
+    precision: str
+    distributed: str
+    gpus_per_node: int
+    nodes: int
+    gpu_memory_gb: float
+    hardware: str
+    peak_tflops_bf16: float
+    peak_tflops_fp32: float
+    seq_len: int
+    batch_pairs: int
+    eval_batch_pairs: int
+    grad_accum: int
+    max_steps: int
+    epochs: int
+    gradient_checkpointing: bool
+    needs_reference: bool
+    reference_on_the_fly: bool
+    attention_scores_stored: bool
+    offload_optimizer: bool
+    pairs: int
+    pairs_source: str
+    mfu: float
+    headroom: float
+    overrides: list[str]
+
+    @property
+    def world(self) -> int:
+        return 1 if self.distributed == "none" else self.gpus_per_node * self.nodes
+
+
+def _number(value, key: str, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+        raise PlanError(f"{key}={value!r} is not allowed: a number > {low:g}")
+    return float(value)
+
+
+def _accelerate_offload(name: str | None) -> bool:
+    """Whether the accelerate config ``distributed.accelerate_config`` offloads DeepSpeed's optimizer to CPU.
+    ``name`` is a file or a name in the package's training/accelerate/ (older layouts: configs/accelerate/)."""
+    if not name:
+        return False
+    from lpc.training.distributed import ACCELERATE_CONFIGS
+
+    candidates = [Path(name), Path(f"{name}.yaml"), ACCELERATE_CONFIGS / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            ds = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("deepspeed_config") or {}
+            return str(ds.get("offload_optimizer_device", "none")).lower() in ("cpu", "nvme")
+    return False
+
+
+def _setup(
+    cfg: DictConfig, hardware: Mapping, pairs: int | None, mfu: float, headroom: float, overrides: list[str]
+) -> _Setup:
+    try:
+        model, trainer, algo = cfg.model, cfg.trainer, cfg.algo
+        latent = cfg.get("latent") or {}
+        distributed = cfg.distributed.name
+    except Exception as err:  # noqa: BLE001 - a missing node/key or an interpolation that does not resolve
+        raise PlanError(f"the config lacks what a plan needs: {err}") from err
+    if distributed not in DISTRIBUTED:
+        raise PlanError(f"distributed.name={distributed!r} is not allowed: one of {', '.join(DISTRIBUTED)}")
+    if trainer.precision not in PRECISIONS:
+        raise PlanError(f"trainer.precision={trainer.precision!r} is not allowed: one of {', '.join(PRECISIONS)}")
+    dtype = str(model.get("dtype", "float32"))
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"model.dtype={dtype!r} is not allowed: one of {', '.join(DTYPE_BYTES)}")
+    arch, _ = arch_of(model)
+    ref_mode = trainer.get("reference_logps", "on_the_fly")
+    if ref_mode not in ("precompute", "on_the_fly"):
+        raise PlanError(f"trainer.reference_logps={ref_mode!r} is not allowed: precompute or on_the_fly")
+    needs_reference = algo.get("name") != "simpo"  # SimPO is reference-free (lpc.losses.SimPO.needs_reference)
+    pairs_source = "--pairs"
+    if pairs is None:
+        data = cfg.get("data") or {}
+        if isinstance(data.get("n_train"), int):  # the synthetic data states its size
+            pairs, pairs_source = data.get("n_train"), "data.n_train"
+        else:
+            pairs, pairs_source = DEFAULT_PAIRS, "default: UltraFeedback binarized train_prefs; --pairs N"
+        if isinstance(data.get("max_rows"), int) and data.get("max_rows") < pairs:
+            pairs, pairs_source = data.get("max_rows"), "data.max_rows"
+    for key in ("name", "gpus_per_node", "gpu_memory_gb", "nodes", "peak_tflops_bf16"):
+        if key not in hardware:
+            raise PlanError(f"hardware.{key} is missing (conf/hardware/*.yaml)")
+    peak_bf16 = _number(hardware["peak_tflops_bf16"], "hardware.peak_tflops_bf16")
+    return _Setup(
+        model=str(model.get("name", "?")),
+        algo=str(algo.get("name", "?")),
+        latent=str(latent.get("name", "none")),
+        arch=arch,
+        n_latent=latent_parameters(latent, arch.hidden_size),
+        dtype=dtype,
+        precision=trainer.precision,
+        distributed=distributed,
+        gpus_per_node=_int(hardware["gpus_per_node"], "hardware.gpus_per_node"),
+        nodes=_int(hardware["nodes"], "hardware.nodes"),
+        gpu_memory_gb=_number(hardware["gpu_memory_gb"], "hardware.gpu_memory_gb"),
+        hardware=str(hardware["name"]),
+        peak_tflops_bf16=peak_bf16,
+        peak_tflops_fp32=_number(hardware.get("peak_tflops_fp32", peak_bf16), "hardware.peak_tflops_fp32"),
+        seq_len=_int(trainer.max_length, "trainer.max_length"),
+        batch_pairs=_int(trainer.batch_size, "trainer.batch_size"),
+        eval_batch_pairs=_int(trainer.get("eval_batch_size", trainer.batch_size), "trainer.eval_batch_size"),
+        grad_accum=_int(trainer.get("gradient_accumulation_steps", 1), "trainer.gradient_accumulation_steps"),
+        max_steps=int(trainer.get("max_steps", -1)),
+        epochs=int(trainer.get("epochs", 1)),
+        gradient_checkpointing=bool(trainer.get("gradient_checkpointing", False)),
+        needs_reference=needs_reference,
+        reference_on_the_fly=needs_reference and ref_mode == "on_the_fly",
+        attention_scores_stored=model.get("attn_implementation") == "eager",
+        offload_optimizer=distributed == "zero3" and _accelerate_offload(cfg.distributed.get("accelerate_config")),
+        pairs=_int(pairs, "--pairs"),
+        pairs_source=pairs_source,
+        mfu=_number(mfu, "--mfu"),
+        headroom=float(headroom),
+        overrides=list(overrides),
+    )
+
+
+def _estimate(s: _Setup) -> Plan:
+    a, world = s.arch, s.world
+    if not 0 < s.mfu <= 1:
+        raise PlanError(f"--mfu {s.mfu} is not allowed: a fraction in (0, 1]")
+    if not 0 <= s.headroom < 1:
+        raise PlanError(f"--headroom {s.headroom} is not allowed: a fraction in [0, 1)")
+    mixed = s.precision in ("bf16", "fp16")
+    dtype_bytes = DTYPE_BYTES[s.dtype]
+    # bytes per trainable parameter: weights, gradients, optimizer states
+    if mixed:
+        w, g, o = 2, 2, 12  # 16-bit copies; fp32 master + m + v (ZeRO, K=12)
+    else:
+        w, g, o = dtype_bytes, dtype_bytes, 2 * dtype_bytes  # plain AdamW in the weights' dtype
+    compute_bytes = 2 if mixed else dtype_bytes
+    n = a.num_parameters
+    trainable = n + s.n_latent
+    shard = world if s.distributed in SHARDED else 1
+    weights, gradients, optimizer = w * trainable / shard, g * trainable / shard, o * trainable / shard
+    host = 0.0
+    if s.offload_optimizer:
+        host = (o + 4) * trainable / shard * min(s.gpus_per_node, world)  # fp32 states + fp32 grads per node
+        optimizer = 0.0
+    reference = dtype_bytes * n if s.reference_on_the_fly else 0.0  # replicated, never sharded
+    gathered = 0.0
+    if s.distributed in SHARDED:  # the embedding/head unit and the current + prefetched decoder layer
+        gathered = compute_bytes * ((2 - a.tie_word_embeddings) * a.embedding_parameters + 2 * a.layer_parameters)
+    # activations of one micro-batch: 2 x batch_size sequences of seq_len tokens (Korthikanti et al. 2022)
+    sq, b, h, L = s.seq_len, 2 * s.batch_pairs, a.hidden_size, a.num_hidden_layers
+    scale = compute_bytes / 2
+    scores = 5 * a.num_attention_heads * sq / h if s.attention_scores_stored else 0.0
+    per_layer = sq * b * h * (34 + scores) * scale
+    act_none = L * per_layer
+    act_ckpt = L * 2 * sq * b * h * scale + per_layer
+    # the scored tokens' logits (at most sq per sequence): fp32 + one fp32 temporary of the same shape
+    logits = 8 * sq * b * a.vocab_size
+    eval_logits = 8 * sq * 2 * s.eval_batch_pairs * a.vocab_size
+    static = weights + gradients + optimizer + reference + gathered
+    train_peak = static + (act_ckpt if s.gradient_checkpointing else act_none) + logits
+    eval_peak = static + eval_logits
+    peak = max(train_peak, eval_peak)
+    budget = s.gpu_memory_gb * GiB * (1 - s.headroom)
+
+    # compute, with the trainer's step arithmetic (lpc.training.trainer)
+    global_batch = s.batch_pairs * s.grad_accum * world
+    steps_per_epoch = s.pairs // global_batch
+    if steps_per_epoch < 1:
+        raise PlanError(
+            f"{s.pairs} training pairs are fewer than one global batch ({global_batch} = "
+            f"batch_size x gradient_accumulation_steps x {world} processes): the trainer refuses"
+        )
+    if s.max_steps <= 0 and s.epochs <= 0:
+        raise PlanError("trainer.max_steps or trainer.epochs must be > 0")
+    steps = s.max_steps if s.max_steps > 0 else s.epochs * steps_per_epoch
+    pairs_seen = steps * global_batch
+    tokens = pairs_seen * 2 * s.seq_len
+    flops_policy = 6.0 * trainable * tokens
+    flops_reference = 2.0 * n * tokens if s.reference_on_the_fly else 0.0
+    flops_precompute = 2.0 * n * s.pairs * 2 * s.seq_len if s.needs_reference and not s.reference_on_the_fly else 0.0
+    peak_tflops = s.peak_tflops_bf16 if (mixed or dtype_bytes == 2) else s.peak_tflops_fp32
+    gpu_hours = (flops_policy + flops_reference + flops_precompute) / (peak_tflops * 1e12 * s.mfu) / 3600
+
+    notes = []
+    if s.distributed == "none" and s.gpus_per_node * s.nodes > 1:
+        notes.append(
+            f"distributed=none runs one process on one GPU; the other {s.gpus_per_node * s.nodes - 1} "
+            f"GPUs of {s.hardware} stay idle"
+        )
+    if s.reference_on_the_fly and s.distributed in SHARDED:
+        notes.append(
+            "the on-the-fly reference model is replicated, not sharded, on every GPU "
+            "(trainer.reference_logps=precompute removes it)"
+        )
+    if dtype_bytes == 2 and s.distributed in ("none", "ddp"):
+        notes.append(
+            f"model.dtype={s.dtype} with distributed={s.distributed}: the loader keeps 16-bit weights and "
+            "torch AdamW 16-bit moments, so the run would hold 8 B/param, not the "
+            f"{w + g + o} counted here, and its updates (about lr) mostly fall below bf16 resolution; "
+            "fsdp upcasts to fp32, zero3 keeps fp32 master weights"
+        )
+    if s.offload_optimizer:
+        notes.append(f"optimizer states offloaded to CPU: {host / GiB:.1f} GiB of host RAM per node")
+    return Plan(
+        model=s.model,
+        algo=s.algo,
+        latent=s.latent,
+        distributed=s.distributed,
+        precision=s.precision,
+        model_dtype=s.dtype,
+        hardware=s.hardware,
+        gpu_memory_gb=s.gpu_memory_gb,
+        gpus_per_node=s.gpus_per_node,
+        nodes=s.nodes,
+        world=world,
+        n_params=n,
+        n_latent_params=s.n_latent,
+        seq_len=s.seq_len,
+        batch_pairs=s.batch_pairs,
+        eval_batch_pairs=s.eval_batch_pairs,
+        gradient_checkpointing=s.gradient_checkpointing,
+        reference="on_the_fly" if s.reference_on_the_fly else ("precompute" if s.needs_reference else "none"),
+        attention_scores_stored=s.attention_scores_stored,
+        offload_optimizer=s.offload_optimizer,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        reference_weights=reference,
+        gathered=gathered,
+        activations_checkpointing=act_ckpt,
+        activations_no_checkpointing=act_none,
+        logits=logits,
+        eval_logits=eval_logits,
+        host_offload_per_node=host,
+        train_peak=train_peak,
+        eval_peak=eval_peak,
+        peak=peak,
+        headroom=s.headroom,
+        budget=budget,
+        fits=peak <= budget,
+        pairs=s.pairs,
+        pairs_source=s.pairs_source,
+        global_batch=global_batch,
+        steps=steps,
+        pairs_seen=pairs_seen,
+        tokens=tokens,
+        flops_policy=flops_policy,
+        flops_reference=flops_reference,
+        flops_precompute=flops_precompute,
+        mfu=s.mfu,
+        peak_tflops=peak_tflops,
+        gpu_hours=gpu_hours,
+        wall_hours=gpu_hours / world,
+        overrides=list(s.overrides),
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- what would fit
+# Tried in this order; a combination of fewer changes always wins over one of more.
+STEPS = ("precompute", "checkpointing", "zero3", "nodes", "offload")
+
+
+def _apply(s: _Setup, step: str) -> tuple[_Setup, list[str]] | None:
+    """``s`` with one change applied and its overrides, or None where the change does not apply."""
+    if step == "precompute":
+        if not s.reference_on_the_fly:
+            return None
+        return dataclasses.replace(s, reference_on_the_fly=False), ["trainer.reference_logps=precompute"]
+    if step == "checkpointing":
+        if s.gradient_checkpointing:
+            return None
+        return dataclasses.replace(s, gradient_checkpointing=True), ["trainer.gradient_checkpointing=true"]
+    if step == "zero3":
+        if s.distributed in SHARDED or s.gpus_per_node * s.nodes < 2:
+            return None
+        return dataclasses.replace(s, distributed="zero3"), ["distributed=zero3"]
+    if step == "offload":
+        if s.offload_optimizer:
+            return None
+        extra = [] if s.distributed == "zero3" else ["distributed=zero3"]
+        return dataclasses.replace(s, distributed="zero3", offload_optimizer=True), extra + [OFFLOAD_OVERRIDE]
+    raise ValueError(step)
+
+
+def _fits(s: _Setup) -> Plan | None:
+    try:
+        p = _estimate(s)
+    except PlanError:  # e.g. more GPUs than one global batch has pairs for
+        return None
+    return p if p.fits else None
+
+
+def suggest(s: _Setup) -> tuple[str, Plan] | None:
+    """The smallest change (fewest steps of STEPS, earlier steps first) after which the job fits."""
+    for size in range(1, len(STEPS) + 1):
+        for combo in itertools.combinations(STEPS, size):
+            cur, added = s, []
+            for step in combo:
+                if step == "nodes":
+                    continue  # searched last, over the node count
+                applied = _apply(cur, step)
+                if applied is None:
+                    break
+                cur, extra = applied
+                added += extra
+            else:
+                if "nodes" not in combo:
+                    p = _fits(cur)
+                    if p is not None:
+                        return " ".join(added), p
+                    continue
+                if cur.distributed not in SHARDED:
+                    continue  # more GPUs only shrink sharded states
+                for nodes in range(cur.nodes + 1, MAX_NODES + 1):
+                    p = _fits(dataclasses.replace(cur, nodes=nodes))
+                    if p is not None:
+                        return " ".join(added + [f"hardware.nodes={nodes}"]), p
+    return None
+
+
+def plan(
+    cfg: DictConfig,
+    hardware: Mapping | None = None,
+    pairs: int | None = None,
+    mfu: float = DEFAULT_MFU,
+    headroom: float = DEFAULT_HEADROOM,
+    overrides: list[str] | None = None,
+) -> Plan:
+    """Estimate one job of the composed config ``cfg`` on ``hardware`` (default: ``cfg.hardware``).
+
+    ``pairs``: training pairs in the data set (default: ``data.n_train`` for the synthetic data, else
+    61,135, the UltraFeedback binarized train_prefs split). Raises :class:`PlanError` for a config error."""
+    if hardware is None:
+        if "hardware" not in cfg:
+            raise PlanError("no hardware: pass one or compose the config with hardware=<conf/hardware option>")
+        hardware = cfg.hardware
+    if isinstance(hardware, DictConfig):
+        hardware = OmegaConf.to_container(hardware, resolve=True)
+    s = _setup(cfg, hardware, pairs, mfu, headroom, overrides or [])
+    p = _estimate(s)
+    if not p.fits:
+        found = suggest(s)
+        if found is not None:
+            p.suggestion, p.suggested = found
+    return p
+
+
+# --------------------------------------------------------------------------- text
+def _g(x: float) -> str:
+    return f"{x / GiB:8.2f} GiB"
+
+
+def _hours(x: float) -> str:
+    return f"{x:,.1f}" if x >= 1 else f"{x:.3g}"
+
+
+def format_plan(p: Plan) -> str:
+    shard = f" / {p.world} GPUs" if p.distributed in SHARDED else ""
+    mixed = p.precision in ("bf16", "fp16")
+    bw = "2+2+12" if mixed else {4: "4+4+8", 2: "2+2+4"}[DTYPE_BYTES[p.model_dtype]]
+    lat = f" + latent {p.n_latent_params:,}" if p.n_latent_params else ""
+    ref = {
+        "on_the_fly": f"on the fly ({p.model_dtype}, replicated)",
+        "precompute": "precomputed log-probs",
+        "none": f"none ({p.algo})",
+    }[p.reference]
+    gpus = f"{p.world} GPU{'s' if p.world > 1 else ''}"
+    lines = [
+        f"lpc.plan: {' '.join(p.overrides) or '(defaults)'}",
+        f"  model {p.model}: {p.n_params:,} parameters{lat}; algo={p.algo} latent={p.latent} "
+        f"precision={p.precision} (model.dtype={p.model_dtype}) distributed={p.distributed}",
+        f"  hardware {p.hardware}: {p.nodes} x {p.gpus_per_node} GPUs of {p.gpu_memory_gb:g} GiB; this job uses {gpus}",
+        f"  micro-batch {p.batch_pairs} pairs = {2 * p.batch_pairs} sequences x {p.seq_len} tokens; "
+        f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
+        "Memory per GPU (estimate):",
+        f"  weights                      {_g(p.weights)}   {bw.split('+')[0]} B/param{shard}",
+        f"  gradients                    {_g(p.gradients)}   {bw.split('+')[1]} B/param{shard}",
+        f"  optimizer states (AdamW)     {_g(p.optimizer)}   "
+        + (
+            "offloaded to CPU"
+            if p.offload_optimizer
+            else f"{bw.split('+')[2]} B/param{' (fp32 master + 2 moments)' if mixed else ' (2 moments)'}{shard}"
+        ),
+        f"  reference model              {_g(p.reference_weights)}   {ref}",
+    ]
+    if p.gathered:
+        lines.append(
+            f"  gathered parameters          {_g(p.gathered)}   {p.distributed}: embedding/head unit + 2 layers"
+        )
+    on, off = ("<- in use", "") if p.gradient_checkpointing else ("", "<- in use")
+    lines += [
+        f"  activations, checkpointing   {_g(p.activations_checkpointing)}   {on}",
+        f"  activations, none            {_g(p.activations_no_checkpointing)}   {off}",
+        f"  logits (fp32 + temporary)    {_g(p.logits)}   8 B x {2 * p.batch_pairs} x {p.seq_len} x vocabulary",
+        f"  = training peak              {_g(p.train_peak)}",
+        f"  evaluation peak              {_g(p.eval_peak)}   states + logits of {2 * p.eval_batch_pairs} sequences (no gradient)",
+        f"  budget                       {_g(p.budget)}   {p.gpu_memory_gb:g} GiB less {p.headroom:.0%} headroom",
+        "Compute per run (upper bound: every sequence padded to max_length):",
+        f"  {p.pairs:,} pairs ({p.pairs_source}) -> {p.steps:,} steps x {p.global_batch} pairs = {p.pairs_seen:,} pairs seen, "
+        f"{p.tokens:.3g} tokens",
+        f"  FLOPs: policy 6NT {p.flops_policy:.3g}"
+        + (f" + reference 2NT {p.flops_reference:.3g}" if p.flops_reference else "")
+        + (f" + reference precompute {p.flops_precompute:.3g} (once, cached)" if p.flops_precompute else "")
+        + f" = {p.flops:.3g}",
+        f"  {_hours(p.gpu_hours)} GPU-hours at MFU {p.mfu:g} of {p.peak_tflops:g} TFLOPS "
+        f"= {_hours(p.wall_hours)} h on {gpus}",
+    ]
+    lines += [f"  note: {n}" for n in p.notes]
+    peak = f"peak {p.peak / GiB:.1f} GiB of {p.budget / GiB:.1f} GiB usable per GPU"
+    if p.fits:
+        lines.append(f"Verdict: fits ({peak})")
+    else:
+        lines.append(f"Verdict: does not fit ({peak})")
+        if p.suggestion:
+            q = p.suggested
+            lines.append(f"  smallest change that fits: add  {p.suggestion}")
+            lines.append(
+                f"  -> peak {q.peak / GiB:.1f} GiB of {q.budget / GiB:.1f} GiB on {q.world} GPU(s), "
+                f"{_hours(q.gpu_hours)} GPU-hours ({_hours(q.wall_hours)} h)"
+            )
+        else:
+            lines.append(
+                "  nothing in (precompute the reference, gradient checkpointing, ZeRO-3, up to "
+                f"{MAX_NODES} nodes, CPU optimizer offload) fits: what does not shard (activations, logits, "
+                "the reference) needs a smaller trainer.max_length, batch_size or eval_batch_size, or bigger GPUs"
+            )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_sweep(plans: list[Plan]) -> str:
+    lines = [f"Sweep: {len(plans)} jobs", f"  {'peak GiB':>8} {'budget':>7} {'GPUs':>4} {'GPU-h':>9}  verdict   job"]
+    for p in plans:
+        verdict = "fits" if p.fits else "NO FIT"
+        lines.append(
+            f"  {p.peak / GiB:8.1f} {p.budget / GiB:7.1f} {p.world:4d} {_hours(p.gpu_hours):>9}  "
+            f"{verdict:8}  {' '.join(p.overrides)}"
+        )
+        if not p.fits:
+            lines.append(f"  {'':40}  add: {p.suggestion or '(nothing found)'}")
+
+    def hours(flops: float, p: Plan) -> float:
+        return flops / (p.peak_tflops * 1e12 * p.mfu) / 3600
+
+    # A sweep precomputes each reference once: the cache is keyed by model, data, length and precision.
+    once = {p.precompute_key: p for p in plans if p.precompute_key is not None}
+    flops = sum(p.flops_policy + p.flops_reference for p in plans) + sum(p.flops_precompute for p in once.values())
+    gpu_hours = sum(hours(p.flops_policy + p.flops_reference, p) for p in plans) + sum(
+        hours(p.flops_precompute, p) for p in once.values()
+    )
+    fits = sum(p.fits for p in plans)
+    lines += [
+        f"Total: {sum(p.tokens for p in plans):.3g} tokens, {flops:.3g} FLOPs, {_hours(gpu_hours)} GPU-hours "
+        f"(references precomputed once per model and data); {fits}/{len(plans)} jobs fit"
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+def _hydra_compose(conf_dir: Path, overrides: list[str]) -> DictConfig:
+    import warnings
+
+    from hydra import compose, initialize_config_dir
+
+    with warnings.catch_warnings():  # config.yaml's optional search path (conf/local) need not exist
+        warnings.filterwarnings("ignore", message=".*hydra.searchpath.*is not available", category=UserWarning)
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+
+
+def _hardware_overrides(conf_dir: Path, hardware: list[str]) -> list[str]:
+    """The hardware group is not in config.yaml's defaults list yet: append it (+hardware=...) unless it is."""
+    defaults = OmegaConf.load(conf_dir / "config.yaml").get("defaults") or []
+    wired = any(
+        isinstance(d, (dict, DictConfig)) and any(str(k).lstrip("+/ ").startswith("hardware") for k in d)
+        for d in defaults
+    )
+    if wired:
+        return hardware
+    out = ["+" + o if o.startswith("hardware=") else o for o in hardware]
+    if not any(o.startswith("+hardware=") for o in out):
+        out.insert(0, f"+hardware={DEFAULT_HARDWARE}")
+    return out
+
+
+def expand_jobs(overrides: list[str], conf_dir: Path) -> list[tuple[list[str], DictConfig]]:
+    """One (overrides, composed config) per job: Hydra sweep syntax (a,b / range(...)) on the command line
+    and an experiment's ``sweep.grid`` (lpc.experiments.sweep) are expanded into their products."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    axes = []
+    for o in parsed:
+        if o.is_sweep_override():
+            axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    jobs = []
+    for combo in itertools.product(*axes):
+        combo = list(combo)
+        hw = [o for o in combo if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "hardware"]
+        rest = [o for o in combo if o not in hw]
+        shown = rest + hw  # as the user wrote them
+        hw = _hardware_overrides(conf_dir, hw)
+        cfg = _hydra_compose(conf_dir, rest + hw)
+        grid = OmegaConf.to_container(cfg.sweep, resolve=True).get("grid") if "sweep" in cfg else None
+        if not grid:
+            jobs.append((shown, cfg))
+            continue
+        given = {o.lstrip("+~").split("=", 1)[0] for o in rest}
+        fixed = list(OmegaConf.to_container(cfg.sweep, resolve=True).get("overrides") or [])
+        keys = [k for k in grid if k not in given]  # the command line wins over the grid
+        for values in itertools.product(*(grid[k] for k in keys)):
+            point = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in zip(keys, values)]
+            job = rest + fixed + point
+            jobs.append((shown + fixed + point, _hydra_compose(conf_dir, job + hw)))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lpc.plan",
+        description=__doc__.split("\n\n")[0],
+        epilog="Overrides are those of src/train.py, plus hardware=<a100_80g_x8|h100_80g_x8|a100_40g_x8|cpu> "
+        "and hardware.<key>=<value>. Exit code 0: fits; 1: does not fit; 2: config error. docs/planning.md",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama3_8b distributed=zero3")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help=f"training pairs in the data set (default: data.n_train for synthetic data, else "
+        f"{DEFAULT_PAIRS:,} = UltraFeedback binarized train_prefs)",
+    )
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation (default 0.4)")
+    parser.add_argument(
+        "--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction of GPU memory kept free (default 0.1)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the plans as JSON")
+    parser.add_argument("--verbose", action="store_true", help="a sweep: print every job's full plan")
+    parser.add_argument(
+        "-m", "--multirun", action="store_true", help="accepted and ignored (sweeps are expanded anyway)"
+    )
+    try:
+        args = parser.parse_intermixed_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        conf_dir = Path(os.environ.get("LPC_PLAN_CONF_DIR") or find_conf_dir())
+        jobs = expand_jobs(args.overrides, conf_dir)
+        plans = [plan(cfg, pairs=args.pairs, mfu=args.mfu, headroom=args.headroom, overrides=job) for job, cfg in jobs]
+    except (PlanError, HydraException, OmegaConfBaseException) as err:
+        print(f"lpc.plan: config error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+    elif len(plans) == 1 or args.verbose:
+        print("\n\n".join(format_plan(p) for p in plans))
+    if len(plans) > 1 and not args.json:
+        print(("\n" if args.verbose else "") + format_sweep(plans))
+    print("(estimates from formulas, not measurements: docs/planning.md)", file=sys.stderr)
+    return 0 if all(p.fits for p in plans) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Turn a sweep directory into the paper's tables: ``python -m lpc.experiments.report SWEEP_DIR``.
+
+Reads every run's config (``.hydra/config.yaml``, else ``final/lpc_config.yaml``) and ``metrics.json``,
+groups the runs by their grid values (``sweep.grid`` of the experiment config) without the seed,
+aggregates over seeds (mean, sample std, n) and writes, atomically, into SWEEP_DIR:
+
+- ``report.md``: one table per metric, rows = grid keys, columns = ``sweep.report.columns`` (e.g.
+  w/o | w/ LPC), the paper's published number beside ours (src/lpc/experiments/paper_numbers.yaml), then the
+  runs that are missing (in the grid, no run dir), incomplete (no completed metrics.json but a
+  checkpoint to resume from) or failed (neither), with the last lines of their log;
+- ``report.csv``: the same cells, one line per (metric, row, column);
+- ``codebook.png`` / ``flip.png`` when the experiment has that curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from lpc.files import atomic_save_figure, atomic_write_text
+from lpc.stats import summarize
+from lpc.training import rundir
+
+PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"  # package data
+LOG_TAIL = 8
+
+# metric name -> (label, metrics.json keys in order of preference, factor to %)
+METRICS = {
+    "pref_accuracy": ("Preference accuracy (%)", ["eval/pref_accuracy"], 100.0),
+    "arc_challenge": ("ARC-Challenge acc (%)", ["lm_eval/arc_challenge/acc", "lm_eval/arc_challenge_local/acc"], 100.0),
+    "arc_easy": ("ARC-Easy acc (%)", ["lm_eval/arc_easy/acc", "lm_eval/arc_easy_local/acc"], 100.0),
+    "gsm8k": ("GSM8K exact_match (%)", ["lm_eval/gsm8k/exact_match", "lm_eval/gsm8k_local/exact_match"], 100.0),
+    "truthfulqa": (
+        "TruthfulQA bleu_acc (%)",
+        ["lm_eval/truthfulqa_gen/bleu_acc", "lm_eval/truthfulqa_local/bleu_acc"],
+        100.0,
+    ),
+    "mmlu": ("MMLU acc (%)", ["lm_eval/mmlu/acc", "lm_eval/mmlu_local/acc"], 100.0),
+    # per annotator type of the synthetic data (the mixed-preference experiment's two directions at scale=cpu)
+    "pref_accuracy_type_0": ("Preference accuracy, annotator type 0 (%)", ["eval/pref_accuracy/type_0"], 100.0),
+    "pref_accuracy_type_1": ("Preference accuracy, annotator type 1 (%)", ["eval/pref_accuracy/type_1"], 100.0),
+    # did the latent act? (lpc.evaluation.analysis.latent_diagnostics; LPC runs only)
+    "pref_accuracy_z_shuffled": (
+        "Preference accuracy with z shuffled across prompts (%)",
+        ["eval/pref_accuracy/z_shuffled"],
+        100.0,
+    ),
+    "decisions_changed": ("Decisions flipped by z = 0 (%)", ["eval/latent/decisions_changed"], 100.0),
+    "codes_used": ("Codes used by the prior's argmax (of K)", ["eval/codes_used"], 1.0),
+    "code_perplexity": ("Code perplexity (effective number of codes)", ["eval/code_perplexity"], 1.0),
+    # per labelling rating of UltraFeedback mixed-preference pairs (data.rating=mixed)
+    **{
+        f"pref_accuracy_rating_{r}": (
+            f"Preference accuracy, pairs labelled by {r} (%)",
+            [f"eval/pref_accuracy/rating_{r}"],
+            100.0,
+        )
+        for r in ("helpfulness", "honesty", "truthfulness", "instruction_following")
+    },
+}
+COLUMN_LABELS = {"latent": {"none": "w/o LPC", "discrete": "w/ LPC", "continuous": "LPC (continuous)"}}
+
+
+# ---------------------------------------------------------------------------- reading runs
+def value_str(value) -> str:
+    """A config value as the grid writes it (``dpo``, ``0.1``, ``[helpfulness,honesty]``)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(value_str(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def grid_value(cfg, key: str) -> str:
+    """A run's value of grid key ``key``: a config group's option name (model=tiny) or a plain value."""
+    node = OmegaConf.select(cfg, key)
+    if OmegaConf.is_dict(node):
+        return str(node.get("name"))
+    if OmegaConf.is_list(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    return value_str(node)
+
+
+def log_tail(run_dir: Path, n: int = LOG_TAIL) -> list[str]:
+    logs = sorted(run_dir.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return []
+    lines = logs[-1].read_text(errors="replace").splitlines()
+    return [ln[-300:] for ln in lines[-n:]]
+
+
+def find_run_dirs(sweep_dir: Path) -> list[Path]:
+    found = {p.parents[1] for p in sweep_dir.glob("**/.hydra/config.yaml")}
+    found |= {p.parents[1] for p in sweep_dir.glob("**/final/lpc_config.yaml")}
+    found |= {p.parent for p in sweep_dir.glob("**/metrics.json")}
+    return sorted(d for d in found if ".submitit" not in d.parts)
+
+
+def inferred_spec(sweep_dir: Path, runs: list[dict]) -> dict | None:
+    """The grid of a plain ``python src/train.py -m key=a,b ...`` sweep (no experiment config): the
+    command-line keys (each run's ``.hydra/overrides.yaml``) whose values differ between runs, with
+    their values read from the runs' configs; ``latent`` becomes the columns when it varies."""
+    runs = [r for r in runs if r["cfg"] is not None]
+    if not runs:
+        return None
+    keys: list[str] = []
+    for r in runs:
+        path = r["dir"] / ".hydra" / "overrides.yaml"
+        for item in (yaml.safe_load(path.read_text()) if path.exists() else None) or []:
+            key = item.split("=", 1)[0].lstrip("+~")
+            if not key.startswith("hydra") and key not in keys:
+                keys.append(key)
+    grid = {}
+    for key in keys:
+        values = sorted({grid_value(r["cfg"], key) for r in runs})
+        if len(values) > 1 or key == "seed":
+            grid[key] = values
+    grid = grid or {"seed": sorted({grid_value(r["cfg"], "seed") for r in runs})}
+    found = {k for r in runs if r["metrics"] for k in r["metrics"]}
+    metrics = [m for m, (_, mkeys, _) in METRICS.items() if m == "pref_accuracy" or found & set(mkeys)]
+    return {
+        "name": sweep_dir.name,
+        "grid": grid,
+        "report": {"columns": "latent" if "latent" in grid else None, "metrics": metrics},
+    }
+
+
+def read_sweep(sweep_dir: str | Path) -> dict:
+    """Runs of a sweep directory with their grid values, status and metrics; plus the expected grid."""
+    sweep_dir = Path(sweep_dir)
+    manifest = (
+        json.loads((sweep_dir / rundir.SWEEP_MANIFEST).read_text())
+        if (sweep_dir / rundir.SWEEP_MANIFEST).exists()
+        else None
+    )
+    runs, spec = [], None
+    for run_dir in find_run_dirs(sweep_dir):
+        cfg = rundir.load_config(run_dir)
+        if cfg is not None and spec is None and "sweep" in cfg:
+            spec = OmegaConf.to_container(cfg.sweep, resolve=True)
+        status = rundir.status(run_dir)
+        completed = status == "completed"
+        ckpts = rundir.checkpoints(run_dir, complete_only=False)
+        runs.append(
+            {
+                "dir": run_dir,
+                "cfg": cfg,
+                "metrics": rundir.load_metrics(run_dir) if completed else None,
+                "status": status,
+                "checkpoint_step": ckpts[-1][0] if ckpts and not completed else None,
+                "log_tail": [] if completed else log_tail(run_dir),
+            }
+        )
+    if spec is None:
+        spec = inferred_spec(sweep_dir, runs)
+    if spec is None:
+        raise SystemExit(f"lpc.experiments.report: no runs (no .hydra/config.yaml or metrics.json) under {sweep_dir}")
+    grid = {k: manifest["grid"][k] for k in manifest.get("grid_keys", manifest["grid"])} if manifest else spec["grid"]
+    keys = list(grid)
+    for r in runs:
+        r["values"] = {k: grid_value(r["cfg"], k) for k in keys} if r["cfg"] is not None else None
+    if manifest:
+        expected = [{k: str(v) for k, v in j["overrides"].items()} | {"_dir": j["dir"]} for j in manifest["jobs"]]
+    else:
+        expected = [dict(zip(keys, map(value_str, vals))) for vals in itertools.product(*grid.values())]
+    present_dirs = {r["dir"].name for r in runs}
+    present_values = [r["values"] for r in runs if r["values"]]
+    missing = []
+    for job in expected:
+        values = {k: v for k, v in job.items() if k != "_dir"}
+        if job.get("_dir") in present_dirs or (job.get("_dir") is None and values in present_values):
+            continue
+        missing.append(values)
+    return {"sweep_dir": sweep_dir, "spec": spec, "grid": grid, "keys": keys, "runs": runs, "missing": missing}
+
+
+# ---------------------------------------------------------------------------- aggregation
+def metric_value(metrics: dict, name: str) -> float | None:
+    _, keys, factor = METRICS[name]
+    for key in keys:
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key]) * factor
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None, int]:
+    """Mean, sample standard deviation (n-1; None for one value) and n (``lpc.stats.summarize``)."""
+    s = summarize(values)
+    return s.mean, s.std, s.n
+
+
+def aggregate(sweep: dict) -> dict:
+    """{(metric, row tuple, column): {"mean","std","n","runs"}} over the completed runs' seeds."""
+    report = sweep["spec"].get("report") or {}
+    col_key = report.get("columns")
+    row_keys = [k for k in sweep["keys"] if k not in ("seed", col_key)]
+    cells: dict = {}
+    for r in sweep["runs"]:
+        if r["status"] != "completed" or not r["values"]:
+            continue
+        row = tuple(r["values"][k] for k in row_keys)
+        col = r["values"][col_key] if col_key else ""
+        for name in report.get("metrics", ["pref_accuracy"]):
+            cell = cells.setdefault((name, row, col), {"values": [], "runs": 0})
+            cell["runs"] += 1
+            v = metric_value(r["metrics"], name)
+            if v is not None:
+                cell["values"].append(v)
+    for cell in cells.values():
+        cell["mean"], cell["std"], cell["n"] = mean_std(cell["values"]) if cell["values"] else (None, None, 0)
+    return cells
+
+
+def load_paper_numbers(path: Path = PAPER_NUMBERS) -> dict:
+    return yaml.safe_load(path.read_text()) if path.exists() else {"entries": [], "notes": {}}
+
+
+def paper_value(paper: dict, sweep_name: str, metric: str, cell_values: dict) -> dict | None:
+    """The published entry whose `match` agrees with the cell on every key the cell has."""
+    for e in paper.get("entries", []):
+        if e["sweep"] != sweep_name or e["metric"] != metric:
+            continue
+        if all(value_str(v) == cell_values[k] for k, v in e["match"].items() if k in cell_values):
+            return e
+    return None
+
+
+# ---------------------------------------------------------------------------- rendering
+def fmt_cell(cell: dict | None) -> str:
+    if not cell or cell["n"] == 0:
+        return "n/a" if cell else "—"
+    std = f" ± {cell['std']:.1f}" if cell["std"] is not None else ""
+    return f"{cell['mean']:.1f}{std} (n={cell['n']})"
+
+
+def fmt_paper(entry: dict | None) -> str:
+    if entry is None:
+        return ""
+    v = entry["value"]
+    return f"{v:.2f}".rstrip("0").rstrip(".") if isinstance(v, (int, float)) else str(v)
+
+
+def build_tables(sweep: dict, cells: dict, paper: dict) -> tuple[str, list[dict]]:
+    spec = sweep["spec"]
+    report = spec.get("report") or {}
+    col_key = report.get("columns")
+    row_keys = [k for k in sweep["keys"] if k not in ("seed", col_key)]
+    cols = [value_str(v) for v in sweep["grid"][col_key]] if col_key else [""]
+    rows = [tuple(value_str(v) for v in vals) for vals in itertools.product(*(sweep["grid"][k] for k in row_keys))]
+    label = COLUMN_LABELS.get(col_key, {})
+    md, csv_rows = [], []
+    for metric in report.get("metrics", ["pref_accuracy"]):
+        title = METRICS[metric][0]
+        head = row_keys + ([label.get(c, f"{col_key}={c}") for c in cols] if col_key else [title])
+        delta = col_key == "latent" and {"none", "discrete"} <= set(cols)
+        if delta:
+            head.append("Δ (w/ - w/o)")
+        head += [f"paper {label.get(c, c)}".rstrip() for c in cols]
+        lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        any_missing_metric = False
+        for row in rows:
+            values = dict(zip(row_keys, row))
+            ours, theirs = [], []
+            for c in cols:
+                cell = cells.get((metric, row, c))
+                cell_values = values | ({col_key: c} if col_key else {})
+                entry = paper_value(paper, spec["name"], metric, cell_values)
+                ours.append(fmt_cell(cell))
+                theirs.append(fmt_paper(entry))
+                any_missing_metric |= bool(cell) and cell["n"] < cell["runs"]
+                csv_rows.append(
+                    {
+                        "metric": metric,
+                        **values,
+                        "column": c,
+                        "mean": "" if not cell or cell["mean"] is None else round(cell["mean"], 4),
+                        "std": "" if not cell or cell["std"] is None else round(cell["std"], 4),
+                        "n": cell["n"] if cell else 0,
+                        "runs": cell["runs"] if cell else 0,
+                        "paper": fmt_paper(entry),
+                        "paper_source": entry["source"] if entry else "",
+                    }
+                )
+            extra = []
+            if delta:
+                a, b = cells.get((metric, row, "none")), cells.get((metric, row, "discrete"))
+                extra = [f"{b['mean'] - a['mean']:+.1f}" if a and b and a["n"] and b["n"] else ""]
+            lines.append("| " + " | ".join(list(row) + ours + extra + theirs) + " |")
+        if any_missing_metric:
+            lines += [
+                "",
+                f"n/a: completed runs without this metric in metrics.json (keys {METRICS[metric][1]}); "
+                "downstream metrics come from the eval step (eval=paper / eval=local, or python -m lpc.evaluation.harness RUN_DIR).",
+            ]
+        md += lines + [""]
+    return "\n".join(md), csv_rows
+
+
+def plot_curve(sweep: dict, cells: dict, paper: dict, x_key: str, path: Path) -> bool:
+    """Preference accuracy (mean ± std over seeds) against ``x_key``, one line per column value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = sweep["spec"].get("report") or {}
+    col_key = report.get("columns")
+    row_keys = [k for k in sweep["keys"] if k not in ("seed", col_key)]
+    if x_key not in row_keys:
+        return False
+    label = COLUMN_LABELS.get(col_key, {})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    drawn = False
+    for c in [value_str(v) for v in sweep["grid"][col_key]] if col_key else [""]:
+        pts, ref = [], []
+        for (metric, row, col), cell in cells.items():
+            if metric != "pref_accuracy" or col != c or not cell["n"]:
+                continue
+            values = dict(zip(row_keys, row))
+            pts.append((float(values[x_key]), cell["mean"], cell["std"] or 0.0))
+            entry = paper_value(paper, sweep["spec"]["name"], metric, values | ({col_key: c} if col_key else {}))
+            if entry and isinstance(entry["value"], (int, float)):
+                ref.append((float(values[x_key]), float(entry["value"]), entry.get("setting", "")))
+        if not pts:
+            continue
+        pts.sort()
+        name = label.get(c, c) or "ours"
+        ax.errorbar(
+            [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=name
+        )
+        if ref:
+            ref.sort()
+            setting = f" ({ref[0][2]})" if ref[0][2] else ""
+            ax.plot(
+                [r[0] for r in ref], [r[1] for r in ref], "--", marker="x", alpha=0.7, label=f"paper {name}{setting}"
+            )
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    if x_key == "codebook":
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel({"codebook": "codebook size K", "flip": "flip ratio"}.get(x_key, x_key))
+    ax.set_ylabel("preference accuracy (%)")
+    ax.set_title(f"{sweep['spec']['name']}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def latent_section(sweep: dict) -> str:
+    """LPC runs whose latent did nothing: z = 0 flips under 1% of the decisions (inert), or shuffling
+    z across prompts costs under 1 point (z does not depend on the prompt)."""
+    flagged = []
+    for r in sweep["runs"]:
+        m = r.get("metrics") or {}
+        if r["status"] != "completed" or "eval/latent/inert" not in m:
+            continue
+        why = []
+        if m["eval/latent/inert"]:
+            why.append(f"inert: z = 0 flips {100 * m['eval/latent/decisions_changed']:.1f}% of decisions")
+        if m.get("eval/latent/prompt_independent"):
+            why.append(f"prompt-independent: shuffling z costs {100 * m['eval/latent/shuffle_gap']:.1f} points")
+        if why:
+            flagged.append(f"- `{r['dir'].name}`: " + "; ".join(why))
+    lpc_runs = sum(1 for r in sweep["runs"] if "eval/latent/inert" in (r.get("metrics") or {}))
+    if not lpc_runs:
+        return ""
+    head = [
+        "## Did the latent act?",
+        "",
+        f"{len(flagged)} of {lpc_runs} LPC runs flagged (docs/synthetic-benchmark.md: reading the z ablations).",
+        "",
+    ]
+    return "\n".join(head + flagged + ([""] if flagged else []))
+
+
+def status_section(sweep: dict) -> str:
+    runs = sweep["runs"]
+    bad = [r for r in runs if r["status"] != "completed"]
+    lines = [
+        "## Runs",
+        "",
+        f"{sum(r['status'] == 'completed' for r in runs)} completed, "
+        f"{sum(r['status'] == 'incomplete' for r in runs)} incomplete, "
+        f"{sum(r['status'] == 'failed' for r in runs)} failed, {len(sweep['missing'])} missing "
+        f"(grid: {' x '.join(f'{k}({len(v)})' for k, v in sweep['grid'].items())}).",
+        "",
+    ]
+    if sweep["missing"]:
+        lines += ["### Missing (in the grid, no run directory)", ""]
+        lines += [f"- `{','.join(f'{k}={v}' for k, v in m.items())}`" for m in sweep["missing"]] + [""]
+    for status, title in (
+        ("incomplete", "Incomplete (no completed metrics.json; resumes from its checkpoint)"),
+        ("failed", "Failed (no completed metrics.json, no checkpoint)"),
+    ):
+        group = [r for r in bad if r["status"] == status]
+        if not group:
+            continue
+        lines += [f"### {title}", ""]
+        for r in group:
+            step = f" (checkpoint step {r['checkpoint_step']})" if r["checkpoint_step"] else ""
+            lines.append(f"- `{r['dir'].name}`{step}")
+            if r["log_tail"]:
+                lines += ["  ```"] + [f"  {ln}" for ln in r["log_tail"]] + ["  ```"]
+            else:
+                lines.append("  (no log file in the run directory)")
+        lines.append("")
+    lines += [
+        "Rerun the same `make reproduce-*` / `python -m lpc.experiments.sweep` command to run only the missing, "
+        "incomplete and failed runs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(sweep_dir: str | Path, paper_path: Path = PAPER_NUMBERS) -> dict:
+    sweep = read_sweep(sweep_dir)
+    paper = load_paper_numbers(paper_path)
+    cells = aggregate(sweep)
+    tables, csv_rows = build_tables(sweep, cells, paper)
+    spec = sweep["spec"]
+    sweep_dir = Path(sweep_dir)
+    pngs = []
+    curve = (spec.get("report") or {}).get("curve")
+    if curve and plot_curve(sweep, cells, paper, curve, sweep_dir / f"{curve}.png"):
+        pngs.append(f"{curve}.png")
+    notes = (paper.get("notes") or {}).get(spec["name"], [])
+    md = [
+        f"# Sweep `{spec['name']}` ({sweep_dir})",
+        "",
+        "Our numbers: mean ± sample std over seeds (n = runs with the metric), in %. "
+        "`paper` columns: the published value for that cell (src/lpc/experiments/paper_numbers.yaml; "
+        "the paper's setting is Llama3-8B/Mistral-7B on UltraFeedback, 5 seeds), blank where none is public.",
+        "",
+        tables,
+    ]
+    if notes:
+        md += ["Published statements:", ""] + [f"- {n}" for n in notes] + [""]
+    md += [f"![{p}]({p})" for p in pngs] + ([""] if pngs else [])
+    latent = latent_section(sweep)
+    if latent:
+        md.append(latent)
+    md.append(status_section(sweep))
+    atomic_write_text(sweep_dir / "report.md", "\n".join(md))
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for row in csv_rows for k in row))
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    atomic_write_text(sweep_dir / "report.csv", buf.getvalue())
+    runs = sweep["runs"]
+    return {
+        "report_md": str(sweep_dir / "report.md"),
+        "pngs": pngs,
+        "completed": sum(r["status"] == "completed" for r in runs),
+        "failed": sum(r["status"] != "completed" for r in runs),
+        "missing": len(sweep["missing"]),
+        "cells": cells,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(__doc__)
+        return 2
+    s = write_report(argv[0])
+    print(
+        f"{s['report_md']}: {s['completed']} completed, {s['failed']} failed/incomplete, {s['missing']} missing"
+        + (f"; curves: {', '.join(s['pngs'])}" if s["pngs"] else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Tables of the synthetic benchmark (docs/synthetic-benchmark.md) from finished runs.
+
+    python -m lpc.experiments.synthetic outputs/benchmark/synthetic            # every run below this directory
+    python -m lpc.experiments.synthetic DIR --out docs/assets/synthetic-benchmark
+
+A run is a directory with a ``metrics.json`` of status ``completed`` and Hydra's ``.hydra/``. Runs that
+differ only in ``seed`` form one cell. A cell's data setting (conflict, visibility, tag accuracy,
+label noise, flips, steps) is read from its composed config; its method (algorithm, latent, and
+every ``latent.*`` / ``codebook`` override) from its overrides. Each cell gives the mean with a 95%
+t interval over seeds, the best achievable accuracy (the generator's Bayes ceiling), the paired
+difference to the same algorithm without a latent on the same seeds (same data) with a paired
+t-test, and the latent's diagnostics (z ablations, prior entropy, codes used, NMI beside its chance
+baseline). Writes ``benchmark.md`` and ``benchmark.json`` into ``--out`` (default: DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lpc.files import atomic_write_json, atomic_write_text
+from lpc.stats import fmt_mean_ci, paired_difference, summarize
+
+DATA_KEYS = ("n_types", "conflict", "visibility", "tag_accuracy", "label_noise", "flip", "flip_marker", "steps")
+METRICS = (
+    "eval/pref_accuracy",
+    "eval/ceiling",
+    "eval/pref_accuracy/z_shuffled",
+    "eval/pref_accuracy/z_zero",
+    "eval/pref_accuracy/z_posterior",
+    "eval/latent/shuffle_gap",
+    "eval/latent/decisions_changed",
+    "eval/latent/prior_entropy_normalized",
+    "eval/codes_used",
+    "eval/nmi",
+    "eval/nmi_chance",
+)
+
+
+def read_run(run_dir: Path) -> dict | None:
+    hydra = run_dir / ".hydra"
+    if not (hydra / "config.yaml").exists():
+        return None
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if metrics.get("status") != "completed":
+        return None
+    cfg = OmegaConf.load(hydra / "config.yaml")
+    overrides = OmegaConf.load(hydra / "overrides.yaml") if (hydra / "overrides.yaml").exists() else []
+    flip = float(cfg.flip)
+    data = {
+        "n_types": int(cfg.data.n_types),
+        "conflict": float(cfg.data.conflict),
+        "visibility": str(cfg.data.visibility),
+        "tag_accuracy": float(cfg.data.get("tag_accuracy", 1.0)),
+        "label_noise": float(cfg.data.get("label_noise", 0.0)),
+        "flip": flip,
+        "flip_marker": (cfg.data.get("flip_marker") or "none") if flip > 0 else None,
+        "steps": int(cfg.trainer.max_steps),
+    }
+    latent_opts = sorted(o for o in overrides if o.startswith(("latent.", "codebook=")))
+    method = {"algo": str(cfg.algo.name), "latent": str(cfg.latent.name), "options": latent_opts}
+    return {"data": data, "method": method, "seed": int(cfg.seed), "metrics": metrics, "dir": str(run_dir)}
+
+
+def collect(root: str | Path) -> list[dict]:
+    runs = [read_run(p.parent) for p in sorted(Path(root).rglob("metrics.json"))]
+    return [r for r in runs if r is not None]
+
+
+def method_name(m: dict) -> str:
+    algo = {"dpo": "DPO", "ipo": "IPO", "simpo": "SimPO"}.get(m["algo"], m["algo"])
+    if m["latent"] == "none":
+        return algo
+    name = f"LPC-{algo}" + (" (continuous)" if m["latent"] == "continuous" else "")
+    return name + (f" [{', '.join(m['options'])}]" if m["options"] else "")
+
+
+def _key(d: dict) -> str:
+    return json.dumps(d, sort_keys=True)
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (data setting, method): per-seed values and summaries, and the paired difference to
+    the same algorithm without a latent on the same data setting."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in runs:
+        cells.setdefault((_key(r["data"]), _key(r["method"])), []).append(r)
+    rows = []
+    for (dkey, mkey), members in cells.items():
+        per_seed = {name: {m["seed"]: m["metrics"][name] for m in members if name in m["metrics"]} for name in METRICS}
+        rows.append(
+            {
+                "data": json.loads(dkey),
+                "method": json.loads(mkey),
+                "seeds": sorted(m["seed"] for m in members),
+                "values": per_seed,
+                "summary": {n: summarize(v.values()).as_dict() for n, v in per_seed.items() if v},
+            }
+        )
+    by_cell = {(_key(r["data"]), _key(r["method"])): r for r in rows}
+    for r in rows:
+        if r["method"]["latent"] == "none":
+            continue
+        base = by_cell.get((_key(r["data"]), _key({"algo": r["method"]["algo"], "latent": "none", "options": []})))
+        if base is not None:
+            d = paired_difference(r["values"]["eval/pref_accuracy"], base["values"]["eval/pref_accuracy"])
+            r["vs_baseline"] = d.__dict__ if d is not None else None
+    rows.sort(
+        key=lambda r: (_key(r["data"]), r["method"]["algo"], r["method"]["latent"] != "none", method_name(r["method"]))
+    )
+    return rows
+
+
+def setting_title(d: dict) -> str:
+    parts = [f"{d['n_types']} types, conflict {d['conflict']:g}, tag {d['visibility']}"]
+    if d["tag_accuracy"] < 1:
+        parts.append(f"tag accuracy {d['tag_accuracy']:g}")
+    if d["label_noise"] > 0:
+        parts.append(f"label noise T = {d['label_noise']:g}")
+    if d["flip"] > 0:
+        parts.append(f"{d['flip']:.0%} of training labels flipped, marker {d['flip_marker']}")
+    parts.append(f"{d['steps']} steps")
+    return ", ".join(parts)
+
+
+def _cell(row: dict, name: str, scale: float = 100.0, digits: int = 1) -> str:
+    s = row["summary"].get(name)
+    if s is None:
+        return "-"
+    from lpc.stats import Summary
+
+    return fmt_mean_ci(Summary(**s), scale, digits)
+
+
+def _paired(row: dict) -> str:
+    d = row.get("vs_baseline")
+    if not d:
+        return "-"
+    p = f", p = {d['p_value']:.2g}" if d["p_value"] is not None else ""
+    ci = f" ± {100 * d['ci95']:.1f}" if d["ci95"] is not None else ""
+    return f"{100 * d['mean_diff']:+.1f}{ci}{p}"
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    head = (
+        "| method | seeds | accuracy % | best achievable % | vs. no latent (paired, points) | z shuffled % "
+        "| z = 0 flips % | z posterior % | prior entropy / log K | codes used | NMI (chance) |"
+    )
+    out, current = [], None
+    for r in rows:
+        title = setting_title(r["data"])
+        if title != current:
+            out += ["", f"**{title}**", "", head, "|" + "---|" * (head.count("|") - 1)]
+            current = title
+        nmi = _cell(r, "eval/nmi", 1, 2)
+        if nmi != "-":
+            nmi += f" ({_cell(r, 'eval/nmi_chance', 1, 2)})"
+        out.append(
+            f"| {method_name(r['method'])} | {len(r['seeds'])} | {_cell(r, 'eval/pref_accuracy')} "
+            f"| {_cell(r, 'eval/ceiling')} | {_paired(r)} | {_cell(r, 'eval/pref_accuracy/z_shuffled')} "
+            f"| {_cell(r, 'eval/latent/decisions_changed')} | {_cell(r, 'eval/pref_accuracy/z_posterior')} "
+            f"| {_cell(r, 'eval/latent/prior_entropy_normalized', 1, 2)} | {_cell(r, 'eval/codes_used', 1, 1)} "
+            f"| {nmi} |"
+        )
+    return "\n".join(out).lstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lpc.experiments.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="directory holding the benchmark's runs (searched recursively)")
+    parser.add_argument("--out", default=None, help="where to write benchmark.md/.json (default: root)")
+    parser.add_argument("--command", default=None, help="the command that made the runs, quoted in benchmark.md")
+    args = parser.parse_args(argv)
+    runs = collect(args.root)
+    if not runs:
+        parser.error(f"no completed runs (metrics.json + .hydra/) under {args.root}")
+    out = Path(args.out or args.root)
+    rows = aggregate(runs)
+    tables = markdown_tables(rows)
+    header = f"{len(runs)} completed runs" + (f", made by `{args.command}`" if args.command else "") + ".\n\n"
+    atomic_write_text(out / "benchmark.md", header + tables)
+    atomic_write_json(out / "benchmark.json", rows)
+    print(tables)
+    print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

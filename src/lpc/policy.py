@@ -1,0 +1,131 @@
+"""The trained policy: a Hugging Face causal LM plus, for LPC, a latent module.
+
+One backbone pass over the stacked (chosen; rejected) batch gives everything:
+the last-layer hidden states feed the LM head for the response log-probs and,
+for LPC, the prior (last prompt token) and posterior (last token of each
+sequence). z enters only at the LM head, ``logits = W (h + z)``, so the hidden
+states the latent module reads are unaffected by z (no circularity, no extra
+backbone forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class PolicyOutput(NamedTuple):
+    logps: torch.Tensor  # (2B,) summed response log-probs, chosen rows first
+    n_tokens: torch.Tensor  # (2B,) number of scored response tokens
+    latent: object | None  # the latent module's output (LatentOutput) or None
+
+
+def backbone_of(lm: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``model.model`` for Llama/Mistral)."""
+    return getattr(lm, lm.base_model_prefix)
+
+
+def hidden_states(lm: nn.Module, batch: dict) -> torch.Tensor:
+    out = backbone_of(lm)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.last_hidden_state
+
+
+def response_logps(
+    lm: nn.Module, hidden: torch.Tensor, batch: dict, z: torch.Tensor | None = None, z_positions: str = "response"
+):
+    """Summed log-probs of the response tokens, computing logits only where they are scored.
+
+    ``z`` (one row per sequence) is added to the hidden state before the LM head at
+    the scored positions; unscored (prompt, padding) positions never reach the head.
+    ``z_positions="all"`` adds z at every position and runs the head over all of them (as
+    :func:`conditioned_on` does at generation); the scored log-probs are the same, at more cost."""
+    target_mask = batch["response_mask"][:, 1:]  # token t+1 is predicted from position t
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(target_mask)[target_mask]
+    if z is not None and z_positions == "all":
+        logits = lm.get_output_embeddings()(hidden[:, :-1] + z[:, None, :].to(hidden.dtype))[target_mask].float()
+    else:
+        h = hidden[:, :-1][target_mask]  # (N, d)
+        if z is not None:
+            h = h + z[rows].to(h.dtype)
+        logits = lm.get_output_embeddings()(h).float()
+    labels = batch["input_ids"][:, 1:][target_mask]
+    token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    n = hidden.shape[0]
+    sums = torch.zeros(n, device=hidden.device, dtype=token_logps.dtype).index_add_(0, rows, token_logps)
+    counts = torch.bincount(rows, minlength=n)
+    return sums, counts
+
+
+def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def expected_hidden_norm(lm: nn.Module) -> float:
+    """The typical norm of the final hidden state, known without data: the backbone ends in an
+    RMSNorm/LayerNorm whose output is ``w * x_hat`` with ``x_hat`` of unit RMS, so its norm is about
+    ``||w||_2`` (sqrt(d) for the initial w = 1). The tiny model measures 11.7 against sqrt(128) = 11.3.
+    Deterministic (no batch), so every DDP rank calibrates the latent identically."""
+    norm = getattr(backbone_of(lm), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.numel() == lm.config.hidden_size:
+        return float(weight.detach().float().norm())
+    return float(lm.config.hidden_size) ** 0.5
+
+
+class PreferenceModel(nn.Module):
+    """``lm`` is any ``*ForCausalLM``; ``latent`` is None (baseline) or an LPC latent module."""
+
+    def __init__(self, lm: nn.Module, latent: nn.Module | None = None, calibrate: bool = True):
+        """``calibrate``: scale a freshly built latent to the backbone's hidden-state norm (a loaded
+        checkpoint overwrites the result, so it is harmless there too)."""
+        super().__init__()
+        self.lm = lm
+        self.latent = latent
+        if latent is not None and calibrate:
+            latent.calibrate(expected_hidden_norm(lm))
+
+    def latent_inputs(self, hidden: torch.Tensor, batch: dict):
+        """``(h_prompt, h_chosen, h_rejected)`` from the stacked (chosen; rejected) hidden states."""
+        half = hidden.shape[0] // 2
+        h_prompt = gather_rows(hidden, batch["prompt_last"])[:half]  # same in both halves (causal attention)
+        h_last = gather_rows(hidden, batch["seq_last"])
+        return h_prompt, h_last[:half], h_last[half:]
+
+    def score(self, hidden: torch.Tensor, batch: dict, z: torch.Tensor | None):
+        """Response log-probs given one z per pair (``(B, d)``, shared by y_w and y_l) or none."""
+        if z is not None:
+            z = torch.cat([z, z])
+        return response_logps(self.lm, hidden, batch, z, getattr(self.latent, "z_positions", "response"))
+
+    def forward(self, batch: dict, progress: float = 0.0, latent_mode: str = "train") -> PolicyOutput:
+        hidden = hidden_states(self.lm, batch)
+        latent_out = None
+        if self.latent is not None:
+            latent_out = self.latent(*self.latent_inputs(hidden, batch), progress=progress, mode=latent_mode)
+        logps, counts = self.score(hidden, batch, latent_out.z if latent_out is not None else None)
+        return PolicyOutput(logps, counts, latent_out)
+
+
+@contextlib.contextmanager
+def conditioned_on(lm: nn.Module, z: torch.Tensor | None):
+    """Add ``z`` (shape (B, d) or (d,)) to the LM head's input at every position while inside the
+    context, so ``lm(...)``, ``lm.generate(...)`` or an evaluation harness run the z-conditioned policy.
+    Only the positions whose logits are read matter, so this equals response-only injection."""
+    if z is None:
+        yield lm
+        return
+    head = lm.get_output_embeddings()
+
+    def add_z(_module, args):
+        h = args[0]
+        zz = z if z.dim() == 1 else z[:, None, :] if h.dim() == 3 else z
+        return (h + zz.to(h.dtype),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(add_z)
+    try:
+        yield lm
+    finally:
+        handle.remove()

@@ -1,0 +1,141 @@
+"""Multi-GPU / multi-node set-up: the ``distributed`` config group -> an ``Accelerator``.
+
+Two ways to start N processes, both ending in the same ``Accelerator()``:
+
+* ``accelerate launch --config_file src/lpc/training/accelerate/<name>.yaml src/train.py distributed=<name> ...``:
+  accelerate's launcher (torchrun inside) starts the processes and sets the environment itself.
+* SLURM through hydra-submitit-launcher with ``tasks_per_node`` = GPUs per node (``nodes`` > 1 for
+  multi-node): SLURM starts one task per GPU; each task calls :func:`setup_process_env`, which
+  exports submitit's torch distributed environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)
+  and the variables ``accelerate launch`` would derive from the same config file (ACCELERATE_USE_FSDP,
+  FSDP_*, ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_*). The translation is accelerate's own
+  (its launch-command parser and ``prepare_multi_gpu_env`` / ``prepare_deepspeed_cmd_env``), so a
+  config file means the same thing under both launchers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+# The accelerate config files ship inside the package (an installed package finds them too).
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
+# Set by `accelerate launch`: when present, the launcher already exported the config file's variables.
+LAUNCHED_BY_ACCELERATE = "ACCELERATE_DYNAMO_BACKEND"
+EXPORTED_PREFIXES = ("ACCELERATE_", "FSDP_")
+
+
+def accelerate_config_path(name: str | None) -> Path | None:
+    """``ddp`` -> src/lpc/training/accelerate/ddp.yaml; an absolute or relative path is used as is; none -> None."""
+    if not name:
+        return None
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        path = ACCELERATE_CONFIGS / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"distributed.accelerate_config={name!r}: no such file {path}")
+    return path
+
+
+def launch_args(
+    config_file: str | Path,
+    num_processes: int | None = None,
+    num_machines: int | None = None,
+    machine_rank: int | None = None,
+):
+    """The ``accelerate launch`` arguments this config file gives, validated by accelerate itself
+    (unknown keys or bad values raise here)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    argv = ["--config_file", str(config_file)]
+    for flag, value in (
+        ("--num_processes", num_processes),
+        ("--num_machines", num_machines),
+        ("--machine_rank", machine_rank),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv + ["train.py"]))
+    if args.use_deepspeed:  # what `accelerate launch` adds before calling its DeepSpeed launcher
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(
+            fields + (["mixed_precision"] if mp_from_config else [])
+        )
+    return args
+
+
+def accelerate_env(config_file: str | Path, **launch_kwargs) -> dict[str, str]:
+    """The ACCELERATE_* / FSDP_* variables ``accelerate launch --config_file`` would export."""
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_args(config_file, **launch_kwargs)
+    env = prepare_deepspeed_cmd_env(args)[1] if args.use_deepspeed else prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(EXPORTED_PREFIXES)}
+
+
+def submitit_world() -> tuple[int, int] | None:
+    """(number of tasks, number of nodes) when running as a multi-task submitit job, else None."""
+    if "SUBMITIT_FOLDER" not in os.environ and "SLURM_JOB_ID" not in os.environ:
+        return None
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            return env.num_tasks, env.num_nodes
+    except RuntimeError:  # not inside a submitit job (e.g. an interactive salloc shell)
+        return None
+    return None
+
+
+def setup_process_env(distributed_cfg) -> None:
+    """Before the Accelerator exists: make this process one rank of the job, if it is one.
+
+    Under ``accelerate launch``/torchrun nothing is needed. Under a multi-task submitit job, export
+    the torch distributed environment and the accelerate config's variables."""
+    world = submitit_world()
+    if world is None:
+        return
+    import submitit
+
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export()
+    log.info(
+        "SLURM rank %d/%d (local %d) on %s, master %s:%s",
+        dist_env.rank,
+        dist_env.world_size,
+        dist_env.local_rank,
+        os.uname().nodename,
+        dist_env.master_addr,
+        dist_env.master_port,
+    )
+    config_file = accelerate_config_path(distributed_cfg.get("accelerate_config"))
+    if config_file is not None and LAUNCHED_BY_ACCELERATE not in os.environ:
+        n_tasks, n_nodes = world
+        env = accelerate_env(
+            config_file,
+            num_processes=n_tasks,
+            num_machines=n_nodes,
+            machine_rank=dist_env.rank // dist_env.local_world_size,
+        )
+        os.environ.update(env)
+
+
+def build_accelerator(trainer_cfg, run_dir, log_with: str | None = None):
+    """The run's Accelerator. ``trainer.precision`` wins over the config file's mixed_precision;
+    gradient accumulation goes through accelerate (DeepSpeed scales and steps it itself)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(
+        mixed_precision=trainer_cfg.precision,
+        log_with=log_with,
+        project_dir=str(run_dir),
+        gradient_accumulation_steps=trainer_cfg.gradient_accumulation_steps,
+    )
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        # We prepare no DataLoader (the trainer slices batches itself), so DeepSpeed's "auto"
+        # micro-batch size cannot be inferred: it is trainer.batch_size.
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = trainer_cfg.batch_size
+    return acc

@@ -1,0 +1,90 @@
+"""A run directory, read and written in one place: its layout, its checkpoints, its status, its config.
+
+    RUN/
+      .hydra/config.yaml, overrides.yaml   the composed config and the command-line overrides (Hydra)
+      checkpoints/step-N/                  accelerate state + trainer_state.json (a temp dir, then renamed)
+      final/                               the exported model (lpc_config.yaml: the resolved config)
+      train_log.jsonl                      the logged metrics, one line per log step
+      metrics.json                         the final metrics; written last, atomically ("status": "completed")
+      analysis/                            plots and tables of the latent analysis
+
+The trainer writes it; the sweep driver, the report and the benchmark tables read it through
+:func:`status`, :func:`load_config` and :func:`load_metrics`, so "is this run finished?" has one answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+METRICS = "metrics.json"
+TRAIN_LOG = "train_log.jsonl"
+ANALYSIS = "analysis"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+SWEEP_MANIFEST = "sweep.json"  # written by the sweep driver into a sweep directory
+STATUSES = ("completed", "incomplete", "failed", "missing")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the run's checkpoints, oldest first; ``complete_only``: those whose
+    trainer state was written (the last file of a checkpoint)."""
+    ckpt = Path(run_dir) / CHECKPOINTS
+    if not ckpt.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    if complete_only:
+        found = [(s, p) for s, p in found if (p / TRAINER_STATE).exists()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    done = checkpoints(run_dir)
+    return done[-1][1] if done else None
+
+
+def load_metrics(run_dir: str | Path) -> dict | None:
+    """The final metrics, or None when there are none (or they cannot be read)."""
+    try:
+        metrics = json.loads((Path(run_dir) / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def status(run_dir: str | Path) -> str:
+    """``completed`` (metrics.json says so), ``incomplete`` (a checkpoint to resume from),
+    ``failed`` (neither) or ``missing`` (no such directory)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return "missing"
+    metrics = load_metrics(run_dir)
+    if metrics is not None and metrics.get("status") == "completed":
+        return "completed"
+    return "incomplete" if checkpoints(run_dir, complete_only=False) else "failed"
+
+
+def load_config(run_dir: str | Path):
+    """The run's composed config (Hydra's record, else the one exported with the final model), or None."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    for rel in (".hydra/config.yaml", f"{FINAL}/lpc_config.yaml"):
+        if (run_dir / rel).exists():
+            return OmegaConf.load(run_dir / rel)
+    return None
+
+
+def load_overrides(run_dir: str | Path) -> list[str]:
+    """The command-line overrides Hydra recorded for the run (empty when there is no record)."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.exists() else []

@@ -1,0 +1,443 @@
+"""One training loop for DPO, SimPO and IPO, with or without LPC, on top of accelerate.
+
+Why accelerate and not ``transformers.Trainer``: the LPC loss needs the hidden
+states and the latent module inside the step, a frozen reference next to the
+policy, and an exact, resumable data order; that is a short explicit loop
+(nanoGPT-sized) while accelerate supplies the device placement, DDP/FSDP/
+DeepSpeed wrapping, mixed precision, state checkpointing (model, optimizer,
+RNG) and the W&B tracker.
+
+The run directory's layout (``run_dir`` is Hydra's output directory) is ``lpc.training.rundir``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lpc.data import PairCollator
+from lpc.files import apply_umask, atomic_write_json
+from lpc.losses import lpc_objective
+from lpc.policy import PreferenceModel, hidden_states, response_logps
+from lpc.training import rundir
+from lpc.training.distributed import build_accelerator
+from lpc.training.preemption import PreemptionGuard
+
+log = logging.getLogger(__name__)
+
+
+class PreferenceTrainer:
+    def __init__(
+        self,
+        *,
+        model: PreferenceModel,
+        ref_model,
+        tokenizer,
+        algo,
+        train_dataset,
+        eval_dataset,
+        trainer_cfg,
+        run_dir: str | Path,
+        optimizer_factory,
+        tracker: dict | None = None,
+        fingerprint: str = "",
+        accelerator: Accelerator | None = None,
+    ):
+        self.cfg = trainer_cfg
+        self.algo = algo
+        self.tokenizer = tokenizer
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / rundir.CHECKPOINTS
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.collate = PairCollator(tokenizer.pad_token_id)
+        self.fingerprint = fingerprint
+        self.tracker = tracker
+        self.accelerator = accelerator or build_accelerator(trainer_cfg, run_dir, "wandb" if tracker else None)
+        acc = self.accelerator
+
+        c = trainer_cfg
+        self.world = acc.num_processes
+        self.global_batch = c.batch_size * c.gradient_accumulation_steps * self.world
+        self.steps_per_epoch = len(train_dataset) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training set has {len(train_dataset)} pairs, fewer than one global batch "
+                f"({self.global_batch} = batch_size x gradient_accumulation_steps x processes)"
+            )
+        self.total_steps = c.max_steps if c.max_steps > 0 else c.epochs * self.steps_per_epoch
+
+        if c.gradient_checkpointing:
+            model.lm.gradient_checkpointing_enable()
+        optimizer = optimizer_factory(params=self.param_groups(model, c.lr))
+        from transformers import get_scheduler
+
+        warmup = c.warmup_steps if c.warmup_steps >= 0 else math.ceil(c.warmup_ratio * self.total_steps)
+        # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
+        self.scheduler = get_scheduler(
+            c.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        self.ref_model = None
+        if algo.needs_reference and ref_model is not None:  # None: precomputed (batch["ref_logps"])
+            # Replicated on every process, frozen, never wrapped (DDP would sync nothing; prepare_model
+            # would also add it to every checkpoint). Under FSDP/ZeRO-3 prefer precomputed log-probs.
+            ref_model.requires_grad_(False).eval()
+            self.ref_model = ref_model.to(acc.device)
+        self.step = 0
+        self.skipped_steps = 0  # updates dropped by trainer.on_nonfinite=skip_step (this session)
+        # Called as hook(trainer, pairs) -> dict after the final evaluation (pairs: its per-pair outputs),
+        # while a W&B run is still open; their metrics join the final ones (lpc.evaluation.analysis.final_analysis).
+        self.final_hooks: list = []
+        # Called as hook(trainer) after every optimizer step, once its logging and checkpointing are done
+        # (fault injection in the tests, custom monitors); ``trainer.step`` is the step just finished.
+        self.step_hooks: list = []
+
+    @staticmethod
+    def param_groups(model: PreferenceModel, lr: float) -> list[dict]:
+        """The LM's parameters at ``lr``; the latent module's at ``lr x latent.lr_multiplier`` (its
+        codes and heads start from scratch while the LM is pretrained, see docs/method.md)."""
+        latent_ids = {id(p) for p in model.latent.parameters()} if model.latent is not None else set()
+        lm = [p for p in model.parameters() if p.requires_grad and id(p) not in latent_ids]
+        groups = [{"params": lm}]
+        if model.latent is not None:
+            lat = [p for p in model.latent.parameters() if p.requires_grad]
+            groups.append({"params": lat, "lr": lr * model.latent.lr_multiplier})
+        return groups
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self, step: int):
+        """The micro-batches this process runs at optimizer step ``step``: the global batch is a slice
+        of an epoch-seeded permutation, so the order is exact on resume and independent of the
+        number of processes (rank r takes every world-th micro-batch slice)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        perm = torch.randperm(len(self.train_dataset), generator=g)
+        chunk = perm[within * self.global_batch : (within + 1) * self.global_batch].tolist()
+        b, r = self.cfg.batch_size, self.accelerator.process_index
+        for a in range(self.cfg.gradient_accumulation_steps):
+            start = (a * self.world + r) * b
+            yield self._to_device(self.collate([self.train_dataset[i] for i in chunk[start : start + b]]))
+
+    def _to_device(self, batch):
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ loss
+    def _reference_logps(self, batch):
+        if "ref_logps" in batch:  # precomputed once per sweep (lpc.training.reference)
+            return batch["ref_logps"], batch["response_mask"][:, 1:].sum(1)
+        if self.ref_model is None:
+            return None
+        with torch.no_grad(), self.accelerator.autocast():
+            return response_logps(self.ref_model, hidden_states(self.ref_model, batch), batch)
+
+    def _algo_output(self, logps, n_tokens, ref):
+        """The algorithm's per-pair losses and implicit rewards from stacked (chosen; rejected) log-probs."""
+        half = logps.shape[0] // 2
+        pol = logps / n_tokens if self.algo.average_logps else logps
+        if ref is not None:
+            ref = ref[0] / ref[1] if self.algo.average_logps else ref[0]
+            return self.algo(pol[:half], pol[half:], ref[:half], ref[half:])
+        return self.algo(pol[:half], pol[half:])
+
+    def compute_loss(self, batch, progress: float, latent_mode: str = "train"):
+        """Loss and TRL-named metrics for one micro-batch; also per-pair rewards for evaluation."""
+        out = self.model(batch, progress=progress, latent_mode=latent_mode)
+        half = out.logps.shape[0] // 2
+        res = self._algo_output(out.logps, out.n_tokens, self._reference_logps(batch))
+        losses = res.losses
+        metrics = {}
+        if out.latent is not None:
+            latent = self.accelerator.unwrap_model(self.model).latent
+            weight = latent.kl_weight_at(progress)
+            losses = lpc_objective(losses, out.latent.kl, weight, latent.kl_free_bits)
+            metrics.update({k: v.detach() for k, v in out.latent.metrics.items()})
+            metrics["latent/kl_weight"] = torch.tensor(weight)
+        cr, rr = res.chosen_rewards.detach(), res.rejected_rewards.detach()
+        metrics.update(
+            {
+                "loss": losses.mean().detach(),
+                "rewards/chosen": cr.mean(),
+                "rewards/rejected": rr.mean(),
+                "rewards/accuracies": (cr > rr).float().mean(),
+                "rewards/margins": (cr - rr).mean(),
+                "logps/chosen": out.logps[:half].detach().mean(),
+                "logps/rejected": out.logps[half:].detach().mean(),
+            }
+        )
+        return losses.mean(), metrics, (cr, rr, out.latent)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset=None, return_pairs: bool = False, diagnostics: bool = False):
+        """Held-out preference accuracy with the algorithm's implicit reward (for LPC, z from the prior).
+
+        ``diagnostics`` (LPC only; the final evaluation sets it) also scores every pair with z = 0, with
+        the prior's z of another prompt (a fixed permutation of the eval set, so z keeps its
+        distribution) and with the posterior's code (an oracle: it sees which response won), which
+        says whether the latent changed anything (``lpc.evaluation.analysis.latent_diagnostics``)."""
+        dataset = dataset if dataset is not None else self.eval_dataset
+        self.model.eval()
+        # Evaluation must not move the training RNG (sampled z), or resumed runs would diverge.
+        with torch.random.fork_rng(devices=[]):
+            cr_all, rr_all, loss_sum, n, extra, z_prior = [], [], 0.0, 0, {}, []
+            loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=self.collate)
+            for batch in loader:
+                batch = self._to_device(batch)
+                loss, _, (cr, rr, lat) = self.compute_loss(batch, progress=1.0, latent_mode="prior")
+                cr_all.append(cr.float().cpu()), rr_all.append(rr.float().cpu())
+                loss_sum += loss.item() * cr.shape[0]
+                n += cr.shape[0]
+                if lat is not None:
+                    z_prior.append(lat.z.detach().float().cpu())
+                    if return_pairs:
+                        for k, v in lat.analysis().items():
+                            extra.setdefault(k, []).append(v.float().cpu())
+            cr, rr = torch.cat(cr_all), torch.cat(rr_all)
+            ablations = {}
+            if diagnostics and z_prior:
+                ablations = self._latent_ablations(loader, torch.cat(z_prior))
+        self.model.train()
+        metrics = {
+            "eval/pref_accuracy": (cr > rr).float().mean().item(),
+            "eval/margin": (cr - rr).mean().item(),
+            "eval/loss": loss_sum / max(n, 1),
+            "eval/rewards/chosen": cr.mean().item(),
+            "eval/rewards/rejected": rr.mean().item(),
+        }
+        if return_pairs:
+            pairs = {
+                "chosen_rewards": cr,
+                "rejected_rewards": rr,
+                **{k: torch.cat(v) for k, v in extra.items()},
+                **ablations,
+            }
+            return metrics, pairs
+        return metrics
+
+    def _latent_ablations(self, loader, z_prior: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-pair margins (chosen - rejected reward) of the same policy with z replaced: ``z_zero``,
+        ``z_shuffled`` (row i gets the prior's z of row perm[i]) and ``z_posterior``; plus the norms
+        of z and of the hidden states it is added to. One more backbone pass over the eval set."""
+        model = self.accelerator.unwrap_model(self.model)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        perm = torch.randperm(len(z_prior), generator=g)
+        out: dict[str, list] = {}
+        row = 0
+        for batch in loader:
+            batch = self._to_device(batch)
+            hidden = hidden_states(model.lm, batch)
+            h_prompt, h_w, h_l = model.latent_inputs(hidden, batch)
+            lat = model.latent(h_prompt, h_w, h_l, progress=1.0, mode="prior")
+            ref = self._reference_logps(batch)
+            b = h_prompt.shape[0]
+            idx = perm[row : row + b]
+            row += b
+            zs = {
+                "z_zero": torch.zeros_like(lat.z),
+                "z_shuffled": z_prior[idx].to(device=lat.z.device, dtype=lat.z.dtype),
+                "z_posterior": lat.z_posterior,
+            }
+            for name, z in zs.items():
+                res = self._algo_output(*model.score(hidden, batch, z), ref)
+                out.setdefault(f"margin/{name}", []).append((res.chosen_rewards - res.rejected_rewards).float().cpu())
+            out.setdefault("z_norm", []).append(lat.z.float().norm(dim=-1).cpu())
+            out.setdefault("hidden_norm", []).append(
+                torch.cat([h_w, h_l]).float().norm(dim=-1).view(2, -1).mean(0).cpu()
+            )
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        return rundir.latest_checkpoint(self.run_dir)
+
+    def save_checkpoint(self):
+        acc = self.accelerator
+        tmp = self.ckpt_dir / f".tmp-{rundir.checkpoint_name(self.step)}"
+        final = self.ckpt_dir / rundir.checkpoint_name(self.step)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            state = {"step": self.step, "fingerprint": self.fingerprint, "total_steps": self.total_steps}
+            atomic_write_json(tmp / rundir.TRAINER_STATE, state)
+            apply_umask(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for _, old in rundir.checkpoints(self.run_dir, complete_only=False)[: -max(self.cfg.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def maybe_resume(self) -> bool:
+        ckpt = self.latest_checkpoint() if self.cfg.resume else None
+        if ckpt is None:
+            return False
+        state = json.loads((ckpt / rundir.TRAINER_STATE).read_text())
+        if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
+            raise RuntimeError(
+                f"{self.run_dir} holds a checkpoint of a different configuration ({ckpt.name}); "
+                f"use a new run directory (hydra.run.dir=...) or trainer.resume=false to start over"
+            )
+        self.accelerator.load_state(str(ckpt))
+        self.step = state["step"]
+        log.info("resumed from %s (step %d of %d)", ckpt, self.step, self.total_steps)
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, metrics: dict):
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / rundir.TRAIN_LOG, "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        if self.tracker:
+            self.accelerator.log(metrics, step=self.step)
+
+    def _truncate_log(self):
+        path = self.run_dir / rundir.TRAIN_LOG
+        if self.accelerator.is_main_process and path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in lines))
+            os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self) -> dict[str, list]:
+        """One optimizer step on the global batch of ``self.step``; returns each micro-batch's metrics."""
+        acc = self.accelerator
+        progress = self.step / max(self.total_steps - 1, 1)
+        metrics_per_micro: dict[str, list] = {}
+        for batch in self._micro_batches(self.step):
+            # accelerate's accumulation: only the last of the gradient_accumulation_steps micro-batches all-reduces
+            # gradients (DDP/FSDP) and backward divides each micro-batch mean loss by their number, so the
+            # update equals one large batch's; under DeepSpeed the engine does both itself.
+            with acc.accumulate(self.model), acc.autocast():
+                loss, metrics, _ = self.compute_loss(batch, progress)
+                acc.backward(loss)
+            for k, v in metrics.items():
+                metrics_per_micro.setdefault(k, []).append(v)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        losses = torch.stack(metrics_per_micro["loss"])
+        # A NaN/inf loss makes NaN gradients, which the all-reduce spreads to every rank: the grad norm
+        # is the same on all of them, so every rank takes the same decision.
+        if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
+            self._nonfinite(losses, grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # the schedule keeps counting steps: resume stays exact
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
+            self.step += 1
+            self.skipped_steps += 1
+            return {}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics_per_micro["grad_norm"] = [grad_norm.detach().float()]
+        return metrics_per_micro
+
+    def _nonfinite(self, losses, grad_norm) -> None:
+        """``trainer.on_nonfinite``: ``error`` stops the run here (no checkpoint, no final files: never a
+        completed run trained on NaN); ``skip_step`` drops this step's update and counts it."""
+        msg = (
+            f"non-finite training step {self.step + 1}: loss {losses.tolist()}, grad norm {float(grad_norm)} "
+            f"(check trainer.lr, algo.beta, latent.kl_weight)"
+        )
+        if self.cfg.get("on_nonfinite", "error") == "error":
+            raise FloatingPointError(msg + "; trainer.on_nonfinite=skip_step skips such steps instead")
+        log.warning("%s: skipped (trainer.on_nonfinite=skip_step)", msg)
+
+    def train(self) -> dict:
+        acc, c = self.accelerator, self.cfg
+        set_seed(c.seed)
+        resumed = self.maybe_resume()
+        self._truncate_log()
+        if self.tracker:
+            acc.init_trackers(
+                self.tracker["project"],
+                config=self.tracker.get("config"),
+                init_kwargs={"wandb": self.tracker["init_kwargs"]},
+            )
+        start_time, start_step = time.time(), self.step
+        # A live bar on a terminal; in a log file (SLURM, CI) one line per log step instead.
+        interactive = acc.is_main_process and sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, desc="train")
+        self.model.train()
+        running: dict[str, list] = {}
+        preemption = (
+            PreemptionGuard().install()
+        )  # SLURM's warning signal only sets a flag (see lpc.training.preemption)
+        while self.step < self.total_steps:
+            lr = self.scheduler.get_last_lr()[0]
+            for k, v in self.train_step().items():
+                running.setdefault(k, []).extend(v)
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == self.total_steps:
+                logged = {k: acc.reduce(torch.stack(v).float().mean(), "mean").item() for k, v in running.items()}
+                logged["learning_rate"] = lr
+                logged["epoch"] = self.step / self.steps_per_epoch
+                if self.skipped_steps:
+                    logged["skipped_nonfinite_steps"] = self.skipped_steps
+                running.clear()
+                self._log(logged)
+                nan = float("nan")
+                bar.set_postfix(
+                    loss=f"{logged.get('loss', nan):.4f}", acc=f"{logged.get('rewards/accuracies', nan):.2f}"
+                )
+                if not interactive and acc.is_main_process:
+                    log.info(
+                        "step %d/%d loss=%.4f rewards/accuracies=%.3f rewards/margins=%.3f lr=%.3g",
+                        self.step,
+                        self.total_steps,
+                        logged.get("loss", nan),
+                        logged.get("rewards/accuracies", nan),
+                        logged.get("rewards/margins", nan),
+                        lr,
+                    )
+            if c.eval_every > 0 and self.step % c.eval_every == 0 and self.step < self.total_steps:
+                ev = self.evaluate()
+                self._log(ev)
+                log.info(
+                    f"step {self.step}: eval/pref_accuracy={ev['eval/pref_accuracy']:.4f} "
+                    f"eval/margin={ev['eval/margin']:.4f}"
+                )
+            if c.save_every > 0 and self.step % c.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            for hook in self.step_hooks:
+                hook(self)
+            if preemption.requested(acc):
+                log.warning("preempted: checkpointing step %d, then requeueing", self.step)
+                self.save_checkpoint()
+                preemption.release()  # submitit requeues the job and exits; the requeued job resumes here
+        bar.close()
+        final, pairs = self.evaluate(return_pairs=True, diagnostics=True)
+        self._log(final)
+        final.update(
+            {
+                "train/steps": self.step,
+                "train/steps_this_session": self.step - start_step,
+                "train/resumed": resumed,
+                "train/num_processes": self.world,
+                "train/skipped_nonfinite_steps": self.skipped_steps,
+                "train/wall_time_s": time.time() - start_time,
+            }
+        )
+        for hook in self.final_hooks:
+            final.update(hook(self, pairs))
+        self.save_checkpoint()
+        preemption.release()  # signalled during the final evaluation: requeue now, the rerun resumes here
+        if self.tracker:
+            acc.end_training()
+        return final
