@@ -136,6 +136,13 @@ def test_bayes_ceiling_at_orthogonal_types_is_the_share_of_pairs_they_agree_on()
 def test_generated_text_is_read_with_the_generators_words():
     from lpc.data.synthetic import generator_words, type_rewards
 
-    assert generator_words("preciselybakeries kindly\\x1c stuffwhatnot sari a") == ["precisely", "bakeries", "kindly", "stuff", "whatnot", "a"]
+    assert generator_words("preciselybakeries kindly\\x1c stuffwhatnot sari a") == [
+        "precisely",
+        "bakeries",
+        "kindly",
+        "stuff",
+        "whatnot",
+        "a",
+    ]
     # type 0 = tone at conflict 1: (1 polite - 0 blunt) / 3 words; type 1 is its opposite
     assert type_rewards("kindlyforests and", 2, 1.0) == pytest.approx([1 / 3, -1 / 3])

@@ -72,8 +72,12 @@ VERBS = ["describe", "explain", "summarize", "discuss", "review", "compare"]
 FILLER = ["the", "a", "and", "of", "with", "about", "is", "are", "it", "very"]
 VISIBILITY = {"always": 1.0, "sometimes": 0.5, "never": 0.0}
 # Longest words first; short ones ("a", "of", "is", "it") only as whole words, not inside other text.
-_WORD_RE = re.compile("|".join(w if len(w) > 2 else rf"\b{w}\b" for w in sorted(
-    set(POLITE + BLUNT + SPECIFIC + VAGUE + TOPICS + VERBS + FILLER), key=len, reverse=True)))
+_WORD_RE = re.compile(
+    "|".join(
+        w if len(w) > 2 else rf"\b{w}\b"
+        for w in sorted(set(POLITE + BLUNT + SPECIFIC + VAGUE + TOPICS + VERBS + FILLER), key=len, reverse=True)
+    )
+)
 FEATURES = datasets.Features(
     {
         "prompt": datasets.Value("string"),
