@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -14,12 +13,8 @@ from conftest import FAST, compose, read_metrics, run_train
 
 # ---------------------------------------------------------------------- helpers
 def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
-    """A PreferenceTrainer built from a composed config the way ``lpc.run.run`` builds it (in-process)."""
-    from hydra.utils import instantiate
-
-    from lpc.policy import PreferenceModel
-    from lpc.run import build_datasets
-    from lpc.training.trainer import PreferenceTrainer
+    """A PreferenceTrainer built from a composed config by ``lpc.run.build_trainer`` (in-process)."""
+    from lpc.run import build_trainer
 
     # on_the_fly: the reference is a frozen model run next to the policy (precompute would load cached
     # log-probs instead and run no reference pass during training at all).
@@ -34,23 +29,7 @@ def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
             *overrides,
         ]
     )
-    torch.manual_seed(cfg.seed)
-    algo = instantiate(cfg.algo)
-    lm, tokenizer = instantiate(cfg.model)
-    ref = copy.deepcopy(lm) if algo.needs_reference else None
-    latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size) if cfg.latent.get("_target_") else None
-    train_ds, eval_ds, _ = build_datasets(cfg, tokenizer)
-    return PreferenceTrainer(
-        model=PreferenceModel(lm, latent),
-        ref_model=ref,
-        tokenizer=tokenizer,
-        algo=algo,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        trainer_cfg=cfg.trainer,
-        run_dir=run_dir,
-        optimizer_factory=instantiate(cfg.trainer.optimizer),
-    )
+    return build_trainer(cfg, run_dir)[0]
 
 
 def first_batch(trainer):

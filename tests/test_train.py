@@ -1,7 +1,6 @@
 """End-to-end training: it learns, writes its outputs, resumes exactly after a crash, accumulates
 gradients like a larger batch, trains the real SmolLM2 offline and logs to W&B offline."""
 
-import copy
 import json
 from pathlib import Path
 
@@ -125,13 +124,7 @@ def test_lpc_discrete_resume_matches_uninterrupted_run(tiny_lpc_run, tmp_path):
 
 
 def train_in_process(overrides: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
-    from accelerate.utils import set_seed
-    from hydra.utils import instantiate
-
-    from lpc.policy import PreferenceModel
-    from lpc.run import build_datasets
-    from lpc.training.distributed import build_accelerator
-    from lpc.training.trainer import PreferenceTrainer
+    from lpc.run import build_trainer
 
     cfg = compose(
         [
@@ -143,25 +136,12 @@ def train_in_process(overrides: list[str], run_dir: Path) -> tuple[dict, list[di
             "trainer.log_every=1",
             "trainer.eval_every=0",
             "trainer.save_every=0",
+            "trainer.reference_logps=on_the_fly",
             *overrides,
         ]
     )
     run_dir.mkdir(parents=True)
-    set_seed(cfg.seed)
-    lm, tokenizer = instantiate(cfg.model)
-    train_ds, eval_ds, _ = build_datasets(cfg, tokenizer)
-    trainer = PreferenceTrainer(
-        model=PreferenceModel(lm),
-        ref_model=copy.deepcopy(lm),
-        tokenizer=tokenizer,
-        algo=instantiate(cfg.algo),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        trainer_cfg=cfg.trainer,
-        run_dir=run_dir,
-        optimizer_factory=instantiate(cfg.trainer.optimizer),
-        accelerator=build_accelerator(cfg.trainer, run_dir),
-    )
+    trainer = build_trainer(cfg, run_dir)[0]
     trainer.train()
     params = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).lm.state_dict().items()}
     return params, log_rows(run_dir)

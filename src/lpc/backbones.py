@@ -77,10 +77,7 @@ def build_tiny_tokenizer(vocab_size: int, cache_dir: str | Path | None = None):
         )
         tok.train_from_iterator(corpus, trainer=trainer)
         fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            pad_token="<|pad|>",
-            bos_token="<|bos|>",
-            eos_token="<|eos|>",
+            tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
         )
         fast.chat_template = TINY_CHAT_TEMPLATE
         fast.save_pretrained(tmp)

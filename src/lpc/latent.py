@@ -109,21 +109,29 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 
 
 class _LatentBase(nn.Module):
+    """The options every latent has (the subclasses pass them through ``**common``):
+
+    ``kl_weight`` lambda; ``kl_warmup`` the fraction of training over which lambda rises from 0;
+    ``kl_free_bits`` nats per pair charged no KL; ``posterior_input`` concat | diff | concat_diff;
+    ``head_hidden_size`` the prior/posterior MLP width (None: the backbone's); ``mix_schedule``,
+    ``mix_start``, ``mix_end``, ``mix_value`` the g schedule; ``z_positions`` response | all;
+    ``lr_multiplier`` the latent's learning rate over the LM's."""
+
     def __init__(
         self,
-        hidden_size,
-        kl_weight,
-        posterior_input,
-        head_hidden_size,
-        mix_schedule,
-        mix_start,
-        mix_end,
-        mix_value,
-        z_positions,
-        name,
-        lr_multiplier=1.0,
-        kl_warmup=0.0,
-        kl_free_bits=0.0,
+        hidden_size: int,
+        name: str,
+        kl_weight: float = 0.05,
+        kl_warmup: float = 0.0,
+        kl_free_bits: float = 0.0,
+        posterior_input: str = "concat",
+        head_hidden_size: int | None = None,
+        mix_schedule: str = "linear",
+        mix_start: float = 0.0,
+        mix_end: float = 1.0,
+        mix_value: float = 1.0,
+        z_positions: str = "response",
+        lr_multiplier: float = 1.0,
     ):
         super().__init__()
         check_choice("latent.posterior_input", posterior_input, POSTERIOR_INPUTS)
@@ -172,40 +180,16 @@ class DiscreteLatent(_LatentBase):
         self,
         hidden_size: int,
         codebook_size: int = 32,
-        kl_weight: float = 0.05,
         temperature: float = 1.0,
         temperature_min: float | None = None,
         hard: bool = True,
-        posterior_input: str = "concat",
-        head_hidden_size: int | None = None,
         codebook_init: str = "hidden",
         codebook_init_scale: float = 1.0,
-        lr_multiplier: float = 1.0,
-        kl_warmup: float = 0.0,
-        kl_free_bits: float = 0.0,
-        mix_schedule: str = "linear",
-        mix_start: float = 0.0,
-        mix_end: float = 1.0,
-        mix_value: float = 1.0,
         inference: str = "expectation",
-        z_positions: str = "response",
         name: str = "discrete",
+        **common,
     ):
-        super().__init__(
-            hidden_size,
-            kl_weight,
-            posterior_input,
-            head_hidden_size,
-            mix_schedule,
-            mix_start,
-            mix_end,
-            mix_value,
-            z_positions,
-            name,
-            lr_multiplier,
-            kl_warmup,
-            kl_free_bits,
-        )
+        super().__init__(hidden_size, name=name, **common)
         require(codebook_size >= 1, "codebook", codebook_size, "an integer >= 1 (the number of codes K)")
         require(temperature > 0, "latent.temperature", temperature, "a number > 0")
         require(
@@ -323,37 +307,13 @@ class ContinuousLatent(_LatentBase):
     def __init__(
         self,
         hidden_size: int,
-        kl_weight: float = 0.05,
-        posterior_input: str = "concat",
-        head_hidden_size: int | None = None,
         init_logvar: float = 0.0,
         mean_scale: float = 1.0,
-        lr_multiplier: float = 1.0,
-        kl_warmup: float = 0.0,
-        kl_free_bits: float = 0.0,
-        mix_schedule: str = "linear",
-        mix_start: float = 0.0,
-        mix_end: float = 1.0,
-        mix_value: float = 1.0,
         inference: str = "mean",
-        z_positions: str = "response",
         name: str = "continuous",
+        **common,
     ):
-        super().__init__(
-            hidden_size,
-            kl_weight,
-            posterior_input,
-            head_hidden_size,
-            mix_schedule,
-            mix_start,
-            mix_end,
-            mix_value,
-            z_positions,
-            name,
-            lr_multiplier,
-            kl_warmup,
-            kl_free_bits,
-        )
+        super().__init__(hidden_size, name=name, **common)
         check_choice("latent.inference", inference, CONTINUOUS_INFERENCE)
         require(mean_scale > 0, "latent.mean_scale", mean_scale, "a number > 0")
         self.inference, self.mean_scale = inference, float(mean_scale)

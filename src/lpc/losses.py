@@ -44,10 +44,7 @@ def dpo_loss(
 
 
 def simpo_loss(
-    policy_chosen_avg_logps: torch.Tensor,
-    policy_rejected_avg_logps: torch.Tensor,
-    beta: float,
-    gamma: float,
+    policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: torch.Tensor, beta: float, gamma: float
 ) -> LossOutput:
     """SimPO (Meng et al. 2024): ``-log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)``.
 

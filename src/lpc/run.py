@@ -59,17 +59,15 @@ def wandb_tracker(cfg: DictConfig, run_dir: Path) -> dict | None:
     }
 
 
-def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
-    """Train ``cfg`` into ``run_dir``; ``step_hooks`` join the trainer's (called after every step)."""
-    from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracker: dict | None = None):
+    """Every object ``cfg`` names, wired into a ``PreferenceTrainer``: ``(trainer, tokenizer, data_stats)``.
+    The one place a trainer is built from a config (training, the benchmark script and the tests)."""
+    from accelerate.utils import set_seed
 
-    from lpc.training.distributed import build_accelerator, setup_process_env
+    from lpc.training.distributed import build_accelerator
     from lpc.training.trainer import PreferenceTrainer
 
-    setup_process_env(cfg.distributed)  # one rank of a multi-task SLURM job (no-op otherwise)
-    accelerator = build_accelerator(cfg.trainer, run_dir, log_with="wandb" if cfg.logger.name == "wandb" else None)
-    # Every rank writes into rank 0's run directory (Hydra's ${now:...} may differ between ranks).
-    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
+    accelerator = accelerator or build_accelerator(cfg.trainer, run_dir)
     set_seed(cfg.seed)
     algo = instantiate(cfg.algo)
     lm, tokenizer = instantiate(cfg.model)
@@ -100,9 +98,6 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
         )
         train_ds, eval_ds = splits["train"], splits["eval"]
         data_stats.update(info)
-    with accelerator.main_process_first():  # rank 0 creates the W&B run id file, the others read it
-        tracker = wandb_tracker(cfg, run_dir)
-
     trainer = PreferenceTrainer(
         model=PreferenceModel(lm, latent),
         ref_model=ref,
@@ -117,6 +112,22 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
         fingerprint=fingerprint(cfg),
         accelerator=accelerator,
     )
+    return trainer, tokenizer, data_stats
+
+
+def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
+    """Train ``cfg`` into ``run_dir``; ``step_hooks`` join the trainer's (called after every step)."""
+    from accelerate.utils import DistributedType, broadcast_object_list
+
+    from lpc.training.distributed import build_accelerator, setup_process_env
+
+    setup_process_env(cfg.distributed)  # one rank of a multi-task SLURM job (no-op otherwise)
+    accelerator = build_accelerator(cfg.trainer, run_dir, log_with="wandb" if cfg.logger.name == "wandb" else None)
+    # Every rank writes into rank 0's run directory (Hydra's ${now:...} may differ between ranks).
+    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
+    with accelerator.main_process_first():  # rank 0 creates the W&B run id file, the others read it
+        tracker = wandb_tracker(cfg, run_dir)
+    trainer, tokenizer, data_stats = build_trainer(cfg, run_dir, accelerator, tracker)
     from lpc.evaluation.analysis import final_analysis
 
     # Per-type accuracy, code usage, NMI/purity and the prior's t-SNE into metrics.json and run_dir/analysis/.
