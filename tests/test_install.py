@@ -1,0 +1,59 @@
+"""The package works installed (not editable): its configs, accelerate files and published numbers ship
+as package data, and the entry point runs from any directory (issue: no Path(__file__).parents[2])."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow  # builds and installs the package: ~30 s
+def test_installed_package_trains_from_another_directory(tmp_path):
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target)]
+    subprocess.run([*pip, str(REPO)], check=True, capture_output=True, text=True, timeout=600)
+    installed = target / "lpc"
+    for rel in (
+        "conf/config.yaml",
+        "conf/model/tiny.yaml",
+        "training/accelerate/zero3.yaml",
+        "experiments/paper_numbers.yaml",
+        "evaluation/tasks/gsm8k_local.yaml",
+    ):
+        assert (installed / rel).is_file(), rel
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    # The installed copy first on the path, the source checkout nowhere (PYTHONPATH wins over the editable .pth).
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run(
+        [
+            str(target / "bin" / "lpc-train"),  # the console script, as `pip install .` puts it on PATH
+            "trainer.max_steps=5",
+            "trainer.save_every=0",
+            "data.n_train=96",
+            "data.n_eval=16",
+            "hydra.run.dir=run",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval/pref_accuracy=" in proc.stdout
+    assert (work / "run" / "metrics.json").is_file()
+    # and the code that ran was the installed copy
+    where = subprocess.run(
+        [sys.executable, "-c", "import lpc; print(lpc.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert where.startswith(str(target))
