@@ -142,3 +142,40 @@ def test_embedding_of_identical_rows_does_not_crash():
     x = np.zeros((64, 8))
     x[:, 3] = 1.0
     assert np.allclose(embed_2d(x, "tsne"), 0.0)
+
+
+def test_final_analysis_reads_each_pairs_own_type(tmp_path):
+    """Per-type accuracy and NMI by hand from a stub trainer: a shifted ``type`` column changes both."""
+    import datasets
+
+    from lpc.evaluation.analysis import final_analysis
+
+    class Stub:
+        class accelerator:
+            is_main_process = True
+
+        tracker = None
+
+    types = [0, 0, 0, 1, 1, 1]
+    correct = [False, True, True, True, False, False]  # type 0: 2/3, type 1: 1/3
+    codes = [4, 4, 7, 7, 7, 4]
+    stub = Stub()
+    stub.eval_dataset = datasets.Dataset.from_dict({"type": types, "source": [f"s{t}" for t in types]})
+    pairs = {
+        "chosen_rewards": torch.tensor([1.0 if c else -1.0 for c in correct]),
+        "rejected_rewards": torch.zeros(6),
+        "prior_probs": torch.nn.functional.one_hot(torch.tensor(codes), 8).float(),
+        "prior_code": torch.tensor(codes),
+    }
+    m = final_analysis(stub, tmp_path, pairs=pairs, embedding="pca")
+    assert m["eval/pref_accuracy/type_0"] == pytest.approx(2 / 3) and m["eval/pref_accuracy/type_1"] == pytest.approx(
+        1 / 3
+    )
+    # NMI by hand: code 4 holds types {0, 0, 1}, code 7 holds {0, 1, 1}; H(T) = H(C) = ln 2
+    mi = 4 / 6 * math.log(4 / 3) + 2 / 6 * math.log(2 / 3)
+    assert m["eval/nmi"] == pytest.approx(mi / math.log(2))
+    assert m["eval/purity"] == pytest.approx(4 / 6)
+    shifted = types[1:] + types[:1]
+    stub.eval_dataset = datasets.Dataset.from_dict({"type": shifted, "source": [f"s{t}" for t in shifted]})
+    m2 = final_analysis(stub, tmp_path, pairs=pairs, embedding="pca")
+    assert m2["eval/pref_accuracy/type_0"] != m["eval/pref_accuracy/type_0"] and m2["eval/nmi"] != m["eval/nmi"]

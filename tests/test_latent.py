@@ -475,3 +475,58 @@ def test_bad_new_latent_options_are_config_errors(tmp_path, override, key):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert key in out, out
+
+
+# ---------------------------------------------------------------------- the method's terms through the trainer
+def test_continuous_kl_through_the_trainer_is_the_heads_gaussian_kl(tmp_path):
+    """The KL compute_loss adds is gaussian_kl of the posterior's and the prior's (mu, logvar) heads."""
+    from lpc.latent import gaussian_kl
+    from lpc.policy import hidden_states
+
+    t = make_trainer(["latent=continuous", "latent.kl_weight=0.3"], tmp_path)
+    lat = t.model.latent
+    with torch.no_grad():  # heads away from their zero init, so the KL is not trivially 0
+        for head in (lat.prior, lat.posterior):
+            head[-1].weight.normal_(0, 0.05)
+    batch = first_batch(t)
+    torch.manual_seed(0)
+    out = t.model(batch, progress=0.5)
+    with torch.no_grad():
+        h_x, h_w, h_l = t.model.latent_inputs(hidden_states(t.model.lm, batch), batch)
+        mu_q, lv_q = lat._params(lat.posterior, lat.combine(h_w, h_l))
+        mu_p, lv_p = lat._params(lat.prior, h_x)
+    expected = gaussian_kl(mu_q, lv_q, mu_p, lv_p)
+    torch.testing.assert_close(out.latent.kl, expected)
+    assert expected.min() > 1e-3
+    torch.manual_seed(0)
+    loss, _, _ = t.compute_loss(batch, 0.5)
+    base = t._algo_output(out.logps, out.n_tokens, t._reference_logps(batch)).losses
+    torch.testing.assert_close(loss, (base + 0.3 * expected).mean())
+
+
+@pytest.mark.parametrize("algo", ["simpo", "ipo"])
+def test_lpc_simpo_and_ipo_train_through_the_trainer(tmp_path, algo):
+    """LPC with the other two algorithms: the loss is the algorithm's own loss of the z-conditioned
+    log-probs plus lambda KL (checked against the pure loss functions), and a few steps update the
+    latent's parameters."""
+    from lpc.losses import ipo_loss, simpo_loss
+
+    t = make_trainer([f"algo={algo}", "latent=discrete", "codebook=4"], tmp_path)
+    batch = first_batch(t)
+    torch.manual_seed(0)
+    out = t.model(batch, progress=0.3)
+    half = out.logps.shape[0] // 2
+    if algo == "simpo":
+        avg = out.logps / out.n_tokens
+        base = simpo_loss(avg[:half], avg[half:], t.algo.beta, t.algo.gamma).losses
+    else:
+        ref_sum, ref_n = t._reference_logps(batch)
+        pol, ref = out.logps / out.n_tokens, ref_sum / ref_n  # IPO length-normalises by default
+        base = ipo_loss(pol[:half], pol[half:], ref[:half], ref[half:], t.algo.tau).losses
+    torch.manual_seed(0)
+    loss, _, _ = t.compute_loss(batch, 0.3)
+    torch.testing.assert_close(loss, (base + 0.05 * out.latent.kl).mean())
+    before = t.model.latent.codebook.detach().clone()
+    for _ in range(3):
+        t.train_step()
+    assert not torch.equal(before, t.model.latent.codebook.detach())
