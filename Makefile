@@ -52,9 +52,20 @@ SYNTH     := OMP_NUM_THREADS=1 $(PY) src/train.py -m experiment=synthetic_benchm
 HEADLINE  := data.conflict=1.0 data.visibility=always
 # run two sweeps at once and fail if either fails
 BOTH      := a=$$!; wait $$a; ra=$$?; wait $$b; rb=$$?; test $$ra -eq 0 -a $$rb -eq 0
-.PHONY: benchmark-synthetic synthetic-main synthetic-noise synthetic-weak-ablation
-benchmark-synthetic: synthetic-main synthetic-noise synthetic-weak-ablation
+.PHONY: benchmark-synthetic synthetic-main synthetic-noise synthetic-weak-ablation synthetic-longer synthetic-steering
+benchmark-synthetic: synthetic-main synthetic-noise synthetic-weak-ablation synthetic-longer synthetic-steering
 	$(PY) -m lpc.experiments.synthetic $(SYNTH_DIR) --command "make benchmark-synthetic"
+# Convergence check: the headline setting with twice the steps and data (1200 steps, one epoch).
+LONGER    := $(HEADLINE) trainer.max_steps=1200 data.n_train=19200
+synthetic-longer: install
+	$(SYNTH) $(LONGER) latent=none hydra.sweep.dir=$(SYNTH_DIR)/conflict1-visible-1200steps-dpo & b=$$!; \
+	$(SYNTH) $(LONGER) latent=discrete hydra.sweep.dir=$(SYNTH_DIR)/conflict1-visible-1200steps-lpc & $(BOTH)
+# Type-steered generation (lpc-steer) of every LPC-DPO run in the headline setting (~40 s each).
+synthetic-steering: install
+	for run in $(SYNTH_DIR)/conflict1-visible/*/; do \
+	  grep -q "latent=discrete" $$run/.hydra/overrides.yaml && \
+	  { test -f $$run/analysis/steering.json || $(VENV)/bin/lpc-steer $$run prompts=16 samples=4 > /dev/null || exit 1; }; \
+	done; true
 synthetic-main: install
 	$(SYNTH) $(HEADLINE) latent=none,discrete,continuous hydra.sweep.dir=$(SYNTH_DIR)/conflict1-visible & b=$$!; \
 	$(SYNTH) data.conflict=0.0 data.visibility=always latent=none,discrete \

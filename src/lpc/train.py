@@ -2,7 +2,6 @@
 Coding. ``lpc-train --help`` lists the config groups and the composed defaults."""
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -11,11 +10,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 log = logging.getLogger("lpc.train")
-# Sweep jobs started by submitit (hydra/launcher=submitit_local|slurm) unpickle main() in a new Python
-# that inherits this environment: let it import lpc even when the package is not pip-installed.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
-)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
                            [temperature=1.0] [top_p=1.0] [greedy=false] [inference=...]
 
 CHECKPOINT is a run directory or its ``final/``. For an LPC checkpoint, z is added to the LM head's
-input at every position (``modeling.conditioned_on``): by default z comes from the prior p(z|x)
+input at every position (``lpc.policy.conditioned_on``): by default z comes from the prior p(z|x)
 computed from the prompt's last hidden state (the latent's configured inference mode, or
 ``inference=``); ``code=k`` uses codebook row k instead, so one can see what a code does. A baseline
 checkpoint (no latent) just generates. Python use: ``generate(model, tokenizer, prompts, code=3)``.

@@ -332,7 +332,7 @@ def _number(value, key: str, low: float = 0.0) -> float:
 
 def _accelerate_offload(name: str | None) -> bool:
     """Whether the accelerate config ``distributed.accelerate_config`` offloads DeepSpeed's optimizer to CPU.
-    ``name`` is a file or a name in the package's training/accelerate/ (older layouts: configs/accelerate/)."""
+    ``name`` is a file or a name in the package's training/accelerate/."""
     if not name:
         return False
     from lpc.training.distributed import ACCELERATE_CONFIGS

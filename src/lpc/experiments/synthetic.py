@@ -168,6 +168,51 @@ def markdown_tables(rows: list[dict]) -> str:
     return "\n".join(out).lstrip() + "\n"
 
 
+def steering_section(runs: list[dict]) -> str:
+    """Type-steered generation (``lpc-steer``) of the runs that have it: per run, each type's reward when
+    generating with that type's best code (chosen on the other half of the prompts) and with the code the
+    prior picks for prompts tagged with that type's source; a code steers when the type's reward exceeds
+    the other type's beyond both 95% intervals."""
+    rows, n_ok = [], 0
+    for r in runs:
+        path = Path(r["dir"]) / "analysis" / "steering.json"
+        if not path.exists():
+            continue
+        st = json.loads(path.read_text())
+        cells, ok = [], True
+        for kind in ("best_code", "prior_code"):
+            for m, b in sorted(st.get(kind, {}).items()):
+                other = 1 - int(m) if st["n_types"] == 2 else None
+                (mu, ci) = b["report"][int(m)]
+                steers = other is not None and mu - ci > b["report"][other][0] + b["report"][other][1]
+                ok &= steers
+                cells.append(f"code {b['code']}: {mu:+.3f} ± {ci:.3f}{'' if steers else ' (no)'}")
+        n_ok += ok
+        rows.append(
+            f"| {method_name(r['method'])} | {setting_title(r['data'])} | {r['seed']} | " + " | ".join(cells) + " |"
+        )
+    if not rows:
+        return ""
+    head = (
+        "| method | setting | seed | type 0, best code | type 1, best code | type 0, prior's code for "
+        "[source_0] | type 1, prior's code for [source_1] |"
+    )
+    return "\n".join(
+        [
+            "",
+            "**Type-steered generation** (`lpc-steer RUN`; each cell: the type's mean reward, "
+            "held-out prompts, ± 95% interval; (no): not above the other type's beyond both intervals)",
+            "",
+            head,
+            "|" + "---|" * (head.count("|") - 1),
+            *rows,
+            "",
+            f"{n_ok} of {len(rows)} runs: every cell steers toward its type.",
+            "",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lpc.experiments.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="directory holding the benchmark's runs (searched recursively)")
@@ -179,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no completed runs (metrics.json + .hydra/) under {args.root}")
     out = Path(args.out or args.root)
     rows = aggregate(runs)
-    tables = markdown_tables(rows)
+    tables = markdown_tables(rows) + steering_section(sorted(runs, key=lambda r: (setting_title(r["data"]), r["seed"])))
     header = f"{len(runs)} completed runs" + (f", made by `{args.command}`" if args.command else "") + ".\n\n"
     atomic_write_text(out / "benchmark.md", header + tables)
     atomic_write_json(out / "benchmark.json", rows)
