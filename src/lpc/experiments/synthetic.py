@@ -169,45 +169,52 @@ def markdown_tables(rows: list[dict]) -> str:
 
 
 def steering_section(runs: list[dict]) -> str:
-    """Type-steered generation (``lpc-steer``) of the runs that have it: per run, each type's reward when
-    generating with that type's best code (chosen on the other half of the prompts) and with the code the
-    prior picks for prompts tagged with that type's source; a code steers when the type's reward exceeds
-    the other type's beyond both 95% intervals."""
-    rows, n_ok = [], 0
+    """Type-steered generation (``lpc-steer``) of the runs that have it. Per run, each type's reward when
+    generating with that type's best code (chosen on the other half of the prompts), with the code the
+    prior picks for prompts tagged with that type's source, and with z = 0. Two counts: codes that put
+    their type's reward above the other type's (beyond both 95% intervals), and prior codes that move
+    their type's reward up from z = 0 (beyond both intervals)."""
+    rows, n_abs, n_rel = [], 0, 0
     for r in runs:
         path = Path(r["dir"]) / "analysis" / "steering.json"
         if not path.exists():
             continue
         st = json.loads(path.read_text())
-        cells, ok = [], True
+        if st["n_types"] != 2:
+            continue
+        z0 = st["rows"]["z = 0"]["report"]
+        cells, ok_abs, ok_rel = [], True, True
         for kind in ("best_code", "prior_code"):
             for m, b in sorted(st.get(kind, {}).items()):
-                other = 1 - int(m) if st["n_types"] == 2 else None
-                (mu, ci) = b["report"][int(m)]
-                steers = other is not None and mu - ci > b["report"][other][0] + b["report"][other][1]
-                ok &= steers
-                cells.append(f"code {b['code']}: {mu:+.3f} ± {ci:.3f}{'' if steers else ' (no)'}")
-        n_ok += ok
-        rows.append(
-            f"| {method_name(r['method'])} | {setting_title(r['data'])} | {r['seed']} | " + " | ".join(cells) + " |"
-        )
+                m = int(m)
+                (mu, ci), (mu_o, ci_o) = b["report"][m], b["report"][1 - m]
+                above = mu - ci > mu_o + ci_o
+                ok_abs &= above
+                if kind == "prior_code":
+                    ok_rel &= mu - ci > z0[m][0] + z0[m][1]
+                cells.append(f"code {b['code']}: {mu:+.3f} ± {ci:.3f}{'' if above else ' (no)'}")
+        n_abs += ok_abs
+        n_rel += ok_rel
+        rows.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {z0[0][0]:+.3f} ± {z0[0][1]:.3f} |")
     if not rows:
         return ""
     head = (
-        "| method | setting | seed | type 0, best code | type 1, best code | type 0, prior's code for "
-        "[source_0] | type 1, prior's code for [source_1] |"
+        "| seed | type 0, best code | type 1, best code | type 0, prior's code for [source_0] "
+        "| type 1, prior's code for [source_1] | type 0 at z = 0 |"
     )
     return "\n".join(
         [
             "",
-            "**Type-steered generation** (`lpc-steer RUN`; each cell: the type's mean reward, "
-            "held-out prompts, ± 95% interval; (no): not above the other type's beyond both intervals)",
+            "**Type-steered generation** (`lpc-steer RUN`, LPC-DPO runs that have it; each cell: the "
+            "type's mean ground-truth reward on held-out prompts ± 95% interval; type 1's reward is minus "
+            "type 0's; (no): not above the other type's beyond both intervals)",
             "",
             head,
             "|" + "---|" * (head.count("|") - 1),
             *rows,
             "",
-            f"{n_ok} of {len(rows)} runs: every cell steers toward its type.",
+            f"{n_abs} of {len(rows)} runs: every code puts its type's reward above the other's. "
+            f"{n_rel} of {len(rows)} runs: both prior codes raise their type's reward over z = 0.",
             "",
         ]
     )
