@@ -294,10 +294,17 @@ def build_tables(sweep: dict, cells: dict, paper: dict) -> tuple[str, list[dict]
                 extra = [f"{b['mean'] - a['mean']:+.1f}" if a and b and a["n"] and b["n"] else ""]
             lines.append("| " + " | ".join(list(row) + ours + extra + theirs) + " |")
         if any_missing_metric:
+            latent_metric = any(
+                k.startswith(("eval/latent/", "eval/code", "eval/pref_accuracy/z_")) for k in METRICS[metric][1]
+            )
+            why = (
+                "runs without a latent (latent=none) have no latent diagnostics"
+                if latent_metric
+                else "downstream metrics come from the eval step (eval=paper / eval=local, or lpc-evaluate RUN_DIR)"
+            )
             lines += [
                 "",
-                f"n/a: completed runs without this metric in metrics.json (keys {METRICS[metric][1]}); "
-                "downstream metrics come from the eval step (eval=paper / eval=local, or python -m lpc.evaluation.harness RUN_DIR).",
+                f"n/a: completed runs without this metric in metrics.json (keys {METRICS[metric][1]}); {why}.",
             ]
         md += lines + [""]
     return "\n".join(md), csv_rows
