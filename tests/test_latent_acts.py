@@ -42,21 +42,23 @@ def test_diagnostics_reach_the_training_log(tiny_lpc_acting_run):
 
 
 def test_type_steered_generation_specialises_codes(tiny_lpc_acting_run, capsys):
-    """python -m lpc.evaluation.steering: each type's best code (chosen on one half of the prompts)
-    raises that type's mean reward over the other's on the other half, beyond both intervals."""
+    """python -m lpc.evaluation.steering: the codes specialise. Each type's reward is higher when
+    generating with its own best code (chosen on one half of the prompts) than with the other type's
+    best code, on the other half, beyond both 95% intervals; likewise for the codes the prior picks for
+    the two source tags. (Whether the reward also ends above the other type's is a property of the
+    backbone's lean as well: docs/synthetic-benchmark.md counts it per seed.)"""
     from lpc.evaluation.steering import main
 
     assert main([str(tiny_lpc_acting_run), "prompts=16", "samples=4"]) == 0
     result = json.loads((tiny_lpc_acting_run / "analysis" / "steering.json").read_text())
     assert "best code for type 0" in capsys.readouterr().out
-    for m, other in ((0, 1), (1, 0)):
-        (mine, ci_mine), (theirs, ci_theirs) = (result["best_code"][str(m)]["report"][k] for k in (m, other))
-        assert mine - ci_mine > theirs + ci_theirs, result["best_code"]
-    assert result["best_code"]["0"]["code"] != result["best_code"]["1"]["code"]
-    # the code the prior picks for a tagged prompt steers toward that tag's type too
-    for m, other in ((0, 1), (1, 0)):
-        (mine, ci_mine), (theirs, ci_theirs) = (result["prior_code"][str(m)]["report"][k] for k in (m, other))
-        assert mine - ci_mine > theirs + ci_theirs, result["prior_code"]
+    for kind in ("best_code", "prior_code"):
+        codes = result[kind]
+        assert codes["0"]["code"] != codes["1"]["code"], codes
+        for m, other in ((0, 1), (1, 0)):
+            mine, ci_mine = codes[str(m)]["report"][m]  # type m's reward with its own code
+            theirs, ci_theirs = codes[str(other)]["report"][m]  # ... with the other type's code
+            assert mine - ci_mine > theirs + ci_theirs, (kind, codes)
     # opposite types: every response's two rewards sum to zero
     for name, row in result["rows"].items():
         assert math.isclose(sum(mu for mu, _ in row["report"]), 0.0, abs_tol=1e-9), name

@@ -174,7 +174,7 @@ def steering_section(runs: list[dict]) -> str:
     prior picks for prompts tagged with that type's source, and with z = 0. Two counts: codes that put
     their type's reward above the other type's (beyond both 95% intervals), and prior codes that move
     their type's reward up from z = 0 (beyond both intervals)."""
-    rows, n_abs, n_rel = [], 0, 0
+    rows, n_abs, n_rel, n_spec = [], 0, 0, 0
     for r in runs:
         path = Path(r["dir"]) / "analysis" / "steering.json"
         if not path.exists():
@@ -195,6 +195,9 @@ def steering_section(runs: list[dict]) -> str:
                 cells.append(f"code {b['code']}: {mu:+.3f} ± {ci:.3f}{'' if above else ' (no)'}")
         n_abs += ok_abs
         n_rel += ok_rel
+        # specialised: each type's reward is higher with its own best code than with the other type's
+        best = {int(m): b["report"] for m, b in st["best_code"].items()}
+        n_spec += all(best[m][m][0] - best[m][m][1] > best[1 - m][m][0] + best[1 - m][m][1] for m in (0, 1))
         rows.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {z0[0][0]:+.3f} ± {z0[0][1]:.3f} |")
     if not rows:
         return ""
@@ -213,7 +216,9 @@ def steering_section(runs: list[dict]) -> str:
             "|" + "---|" * (head.count("|") - 1),
             *rows,
             "",
-            f"{n_abs} of {len(rows)} runs: every code puts its type's reward above the other's. "
+            f"{n_spec} of {len(rows)} runs: the codes specialise (each type's reward is higher with its own best "
+            f"code than with the other type's, beyond both intervals). "
+            f"{n_abs} of {len(rows)} runs: every code puts its type's reward above the other type's. "
             f"{n_rel} of {len(rows)} runs: both prior codes raise their type's reward over z = 0.",
             "",
         ]
