@@ -299,3 +299,26 @@ def test_export_rejects_bad_question_file(tiny_dpo_run, tmp_path):
     bad.write_text(json.dumps({"question_id": 1, "category": "x"}) + "\n")
     with pytest.raises(ExportError, match="turns"):
         export(tiny_dpo_run, ExportConfig(format="mt_bench", questions=str(bad), device="cpu"))
+
+
+def test_loglikelihood_with_z_before_the_final_norm(lpc_ckpt):
+    """latent.z_injection=pre_norm through the harness: the batched scorer equals the HF forward with z
+    added to the final norm's input, and differs from z at the LM head."""
+    import copy
+
+    model, tok = lpc_ckpt
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.latent.codebook.mul_(5.0)  # codes large enough that where they enter shows
+    cs = cases(tok)
+    model.latent.z_injection = "head"
+    at_head = [lp for lp, _ in make_lm(model, tok).loglikelihood(requests("loglikelihood", [c for c, _ in cs]))]
+    model.latent.z_injection = "pre_norm"
+    got = make_lm(model, tok).loglikelihood(requests("loglikelihood", [c for c, _ in cs]))
+    for (_, (ctx_ids, cont_ids)), (lp, _), head_lp in zip(cs, got, at_head):
+        z = prior_z_by_hand(model, ctx_ids)
+        with torch.no_grad(), conditioned_on(model.lm, z, at="pre_norm"):
+            logits = model.lm(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float()
+        ref = logits[len(ctx_ids) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(cont_ids)[:, None]).sum().item()
+        assert lp == pytest.approx(ref, abs=1e-4)
+        assert abs(lp - head_lp) > 1e-3

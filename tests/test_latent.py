@@ -530,3 +530,28 @@ def test_lpc_simpo_and_ipo_train_through_the_trainer(tmp_path, algo):
     for _ in range(3):
         t.train_step()
     assert not torch.equal(before, t.model.latent.codebook.detach())
+
+
+# ---------------------------------------------------------------------- where z enters
+def test_z_before_the_final_norm_scores_like_generation_and_differs_from_the_head(tmp_path):
+    """latent.z_injection=pre_norm: logits = W norm(h_pre + z). The training scorer must equal a full forward
+    under conditioned_on(at="pre_norm") (what generation and the harness run), zero codes must give the
+    unconditioned policy, and non-zero codes must score differently from z at the LM head."""
+    from lpc.policy import conditioned_on
+
+    t = make_trainer(["latent=discrete", "codebook=4", "latent.z_injection=pre_norm"], tmp_path / "a")
+    model, batch = t.model, first_batch(t)
+    with torch.no_grad():
+        out = model(batch, latent_mode="prior")
+        z = torch.cat([out.latent.z, out.latent.z])
+        with conditioned_on(model.lm, z, at="pre_norm"):
+            logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        lp = logits.float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        torch.testing.assert_close((lp * batch["response_mask"][:, 1:]).sum(1), out.logps, rtol=0, atol=1e-4)
+        model.latent.z_injection = "head"
+        at_head = model(batch, latent_mode="prior").logps
+        assert (at_head - out.logps).abs().max() > 1e-2
+        model.latent.z_injection = "pre_norm"
+        model.latent.codebook.zero_()
+        plain = make_trainer([], tmp_path / "b").model(batch).logps
+        torch.testing.assert_close(model(batch, latent_mode="prior").logps, plain, rtol=0, atol=1e-5)

@@ -37,6 +37,7 @@ POSTERIOR_INPUTS = ("concat", "diff", "concat_diff")
 DISCRETE_INFERENCE = ("expectation", "argmax", "sample")
 CONTINUOUS_INFERENCE = ("mean", "sample")
 Z_POSITIONS = ("response", "all")
+Z_INJECTIONS = ("head", "pre_norm")
 CODEBOOK_INITS = ("hidden", "normal")
 
 
@@ -115,6 +116,7 @@ class _LatentBase(nn.Module):
     ``kl_free_bits`` nats per pair charged no KL; ``posterior_input`` concat | diff | concat_diff;
     ``head_hidden_size`` the prior/posterior MLP width (None: the backbone's); ``mix_schedule``,
     ``mix_start``, ``mix_end``, ``mix_value`` the g schedule; ``z_positions`` response | all;
+    ``z_injection`` head (z added to the LM head's input, after the final norm) | pre_norm (before it);
     ``lr_multiplier`` the latent's learning rate over the LM's."""
 
     def __init__(
@@ -131,18 +133,20 @@ class _LatentBase(nn.Module):
         mix_end: float = 1.0,
         mix_value: float = 1.0,
         z_positions: str = "response",
+        z_injection: str = "head",
         lr_multiplier: float = 1.0,
     ):
         super().__init__()
         check_choice("latent.posterior_input", posterior_input, POSTERIOR_INPUTS)
         check_choice("latent.mix_schedule", mix_schedule, SCHEDULES)
         check_choice("latent.z_positions", z_positions, Z_POSITIONS)
+        check_choice("latent.z_injection", z_injection, Z_INJECTIONS)
         require(kl_weight >= 0, "latent.kl_weight", kl_weight, "a number >= 0 (lambda)")
         require(lr_multiplier > 0, "latent.lr_multiplier", lr_multiplier, "a number > 0")
         require(0 <= kl_warmup <= 1, "latent.kl_warmup", kl_warmup, "a fraction of training in [0, 1]")
         require(kl_free_bits >= 0, "latent.kl_free_bits", kl_free_bits, "a number of nats >= 0")
         self.hidden_size, self.kl_weight, self.name = hidden_size, kl_weight, name
-        self.posterior_input, self.z_positions = posterior_input, z_positions
+        self.posterior_input, self.z_positions, self.z_injection = posterior_input, z_positions, z_injection
         # Read by the trainer: the optimizer gives the latent's parameters lr x lr_multiplier.
         self.lr_multiplier = float(lr_multiplier)
         self.kl_warmup, self.kl_free_bits = float(kl_warmup), float(kl_free_bits)

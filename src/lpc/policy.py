@@ -33,24 +33,62 @@ def hidden_states(lm: nn.Module, batch: dict) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def final_norm(lm: nn.Module) -> nn.Module:
+    """The backbone's last normalisation layer (``model.norm`` for Llama/Mistral)."""
+    norm = getattr(backbone_of(lm), "norm", None)
+    if norm is None:
+        raise ValueError(
+            f"latent.z_injection=pre_norm needs a backbone with a final `norm` layer; {type(lm).__name__} has none"
+        )
+    return norm
+
+
+def encode(lm: nn.Module, batch: dict, keep_pre_norm: bool = False):
+    """``(hidden, pre_norm)``: the last hidden states and, with ``keep_pre_norm``, the final norm's input
+    (captured by a hook during the same pass; None otherwise)."""
+    if not keep_pre_norm:
+        return hidden_states(lm, batch), None
+    captured = {}
+    handle = final_norm(lm).register_forward_hook(lambda _m, args, _out: captured.__setitem__("pre", args[0]))
+    try:
+        hidden = hidden_states(lm, batch)
+    finally:
+        handle.remove()
+    return hidden, captured["pre"]
+
+
 def response_logps(
-    lm: nn.Module, hidden: torch.Tensor, batch: dict, z: torch.Tensor | None = None, z_positions: str = "response"
+    lm: nn.Module,
+    hidden: torch.Tensor,
+    batch: dict,
+    z: torch.Tensor | None = None,
+    z_positions: str = "response",
+    pre_norm: torch.Tensor | None = None,
 ):
     """Summed log-probs of the response tokens, computing logits only where they are scored.
 
     ``z`` (one row per sequence) is added to the hidden state before the LM head at
     the scored positions; unscored (prompt, padding) positions never reach the head.
     ``z_positions="all"`` adds z at every position and runs the head over all of them (as
-    :func:`conditioned_on` does at generation); the scored log-probs are the same, at more cost."""
+    :func:`conditioned_on` does at generation); the scored log-probs are the same, at more cost.
+    With ``pre_norm`` (the final norm's input, ``latent.z_injection=pre_norm``) z is added before the
+    final norm instead: ``logits = W norm(h_pre + z)``."""
     target_mask = batch["response_mask"][:, 1:]  # token t+1 is predicted from position t
     rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(target_mask)[target_mask]
-    if z is not None and z_positions == "all":
-        logits = lm.get_output_embeddings()(hidden[:, :-1] + z[:, None, :].to(hidden.dtype))[target_mask].float()
+    head = lm.get_output_embeddings()
+    if z is not None and pre_norm is not None:
+        norm = final_norm(lm)
+        if z_positions == "all":
+            logits = head(norm(pre_norm[:, :-1] + z[:, None, :].to(pre_norm.dtype)))[target_mask].float()
+        else:
+            logits = head(norm(pre_norm[:, :-1][target_mask] + z[rows].to(pre_norm.dtype))).float()
+    elif z is not None and z_positions == "all":
+        logits = head(hidden[:, :-1] + z[:, None, :].to(hidden.dtype))[target_mask].float()
     else:
         h = hidden[:, :-1][target_mask]  # (N, d)
         if z is not None:
             h = h + z[rows].to(h.dtype)
-        logits = lm.get_output_embeddings()(h).float()
+        logits = head(h).float()
     labels = batch["input_ids"][:, 1:][target_mask]
     token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     n = hidden.shape[0]
@@ -94,30 +132,35 @@ class PreferenceModel(nn.Module):
         h_last = gather_rows(hidden, batch["seq_last"])
         return h_prompt, h_last[:half], h_last[half:]
 
-    def score(self, hidden: torch.Tensor, batch: dict, z: torch.Tensor | None):
+    def encode(self, batch: dict):
+        """``(hidden, pre_norm)`` of one backbone pass; ``pre_norm`` only when z enters before the final norm."""
+        return encode(self.lm, batch, keep_pre_norm=getattr(self.latent, "z_injection", "head") == "pre_norm")
+
+    def score(self, hidden: torch.Tensor, batch: dict, z: torch.Tensor | None, pre_norm: torch.Tensor | None = None):
         """Response log-probs given one z per pair (``(B, d)``, shared by y_w and y_l) or none."""
         if z is not None:
             z = torch.cat([z, z])
-        return response_logps(self.lm, hidden, batch, z, getattr(self.latent, "z_positions", "response"))
+        return response_logps(self.lm, hidden, batch, z, getattr(self.latent, "z_positions", "response"), pre_norm)
 
     def forward(self, batch: dict, progress: float = 0.0, latent_mode: str = "train") -> PolicyOutput:
-        hidden = hidden_states(self.lm, batch)
+        hidden, pre_norm = self.encode(batch)
         latent_out = None
         if self.latent is not None:
             latent_out = self.latent(*self.latent_inputs(hidden, batch), progress=progress, mode=latent_mode)
-        logps, counts = self.score(hidden, batch, latent_out.z if latent_out is not None else None)
+        logps, counts = self.score(hidden, batch, latent_out.z if latent_out is not None else None, pre_norm)
         return PolicyOutput(logps, counts, latent_out)
 
 
 @contextlib.contextmanager
-def conditioned_on(lm: nn.Module, z: torch.Tensor | None):
-    """Add ``z`` (shape (B, d) or (d,)) to the LM head's input at every position while inside the
-    context, so ``lm(...)``, ``lm.generate(...)`` or an evaluation harness run the z-conditioned policy.
-    Only the positions whose logits are read matter, so this equals response-only injection."""
+def conditioned_on(lm: nn.Module, z: torch.Tensor | None, at: str = "head"):
+    """Add ``z`` (shape (B, d) or (d,)) to the LM head's input (``at="head"``) or to the final norm's
+    input (``at="pre_norm"``, ``latent.z_injection``) at every position while inside the context, so
+    ``lm(...)``, ``lm.generate(...)`` or an evaluation harness run the z-conditioned policy. Only the
+    positions whose logits are read matter, so this equals response-only injection."""
     if z is None:
         yield lm
         return
-    head = lm.get_output_embeddings()
+    head = final_norm(lm) if at == "pre_norm" else lm.get_output_embeddings()
 
     def add_z(_module, args):
         h = args[0]

@@ -147,7 +147,7 @@ def generate(
         for prompt in prompts:
             ids = torch.tensor([encode_prompt(tokenizer, prompt, chat_template)], device=device)
             z, probs, source = latent_z(model, ids, code, inference)
-            with conditioned_on(lm, z):
+            with conditioned_on(lm, z, at=getattr(model.latent, "z_injection", "head")):
                 seq = lm.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),

@@ -30,7 +30,7 @@ from lpc.errors import check_choice
 from lpc.evaluation import require_lm_eval
 from lpc.evaluation.inference import last_hidden, left_pad, prior_z, prompt_prior_z
 from lpc.latent import CONTINUOUS_INFERENCE, DISCRETE_INFERENCE
-from lpc.policy import conditioned_on
+from lpc.policy import conditioned_on, final_norm
 
 require_lm_eval()
 from lm_eval.api.registry import register_model  # noqa: E402
@@ -165,7 +165,17 @@ class LPCLM(HFLM):
         for i, s in enumerate(seqs):  # right padding: positions are the unpadded ones
             ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = last_hidden(self.model, ids, mask)
+        pre_norm = None
+        if getattr(self.latent, "z_injection", "head") == "pre_norm":  # z enters before the final norm
+            captured = {}
+            handle = final_norm(self.model).register_forward_hook(lambda _m, a, _o: captured.__setitem__("pre", a[0]))
+            try:
+                hidden = last_hidden(self.model, ids, mask)
+            finally:
+                handle.remove()
+            pre_norm = captured["pre"]
+        else:
+            hidden = last_hidden(self.model, ids, mask)
         rows = torch.arange(len(seqs), device=self.device)
         ctx_last = torch.tensor([c for _, c in batch], device=self.device)
         z = prior_z(self.latent, hidden[rows, ctx_last])
@@ -173,7 +183,12 @@ class LPCLM(HFLM):
         scored = (pos[None] >= ctx_last[:, None]) & (mask > 0)
         h = hidden[scored]
         if z is not None:
-            h = h + z[rows[:, None].expand_as(scored)[scored]].to(h.dtype)
+            zz = z[rows[:, None].expand_as(scored)[scored]]
+            h = (
+                final_norm(self.model)(pre_norm[scored] + zz.to(pre_norm.dtype))
+                if pre_norm is not None
+                else h + zz.to(h.dtype)
+            )
         lp = F.log_softmax(self.model.get_output_embeddings()(h).float(), dim=-1)
         return list(lp.split(scored.sum(1).tolist()))
 
@@ -202,7 +217,7 @@ class LPCLM(HFLM):
             z = z.repeat_interleave(
                 generation_kwargs.get("num_beams", 1) * generation_kwargs.get("num_return_sequences", 1), 0
             )
-        with conditioned_on(self.model, z):
+        with conditioned_on(self.model, z, at=getattr(self.latent, "z_injection", "head")):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:

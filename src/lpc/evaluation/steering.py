@@ -64,7 +64,7 @@ def generate_with_z(
         torch.manual_seed(seed)
         for _, idx in sorted(by_len.items()):
             ids = torch.tensor([encoded[i] for i in idx for _ in range(samples)], device=device)
-            with conditioned_on(lm, z):
+            with conditioned_on(lm, z, at=getattr(model.latent, "z_injection", "head")):
                 seq = lm.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),

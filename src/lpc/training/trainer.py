@@ -239,7 +239,7 @@ class PreferenceTrainer:
         row = 0
         for batch in loader:
             batch = self._to_device(batch)
-            hidden = hidden_states(model.lm, batch)
+            hidden, pre_norm = model.encode(batch)
             h_prompt, h_w, h_l = model.latent_inputs(hidden, batch)
             lat = model.latent(h_prompt, h_w, h_l, progress=1.0, mode="prior")
             ref = self._reference_logps(batch)
@@ -252,7 +252,7 @@ class PreferenceTrainer:
                 "z_posterior": lat.z_posterior,
             }
             for name, z in zs.items():
-                res = self._algo_output(*model.score(hidden, batch, z), ref)
+                res = self._algo_output(*model.score(hidden, batch, z, pre_norm), ref)
                 out.setdefault(f"margin/{name}", []).append((res.chosen_rewards - res.rejected_rewards).float().cpu())
             out.setdefault("z_norm", []).append(lat.z.float().norm(dim=-1).cpu())
             out.setdefault("hidden_norm", []).append(
