@@ -145,3 +145,24 @@ def test_cli_rejects_a_missing_checkpoint_and_code_on_a_baseline(tmp_path, capsy
     (tmp_path / "final" / "config.json").write_text("{}")  # a baseline checkpoint has no latent.yaml
     assert main([str(tmp_path), "prompt=hi", "code=0"]) == 2
     assert "has no latent" in capsys.readouterr().err
+
+
+def test_every_command_opens_a_sweep_run_whose_name_has_equals_and_commas(tiny_lpc_run, tmp_path, capsys):
+    """Sweep runs are named like ``codebook=8,seed=0``: every post-training command reads such a directory as
+    the run, not as an option (one convention: RUN key=value ...)."""
+    from lpc.evaluation import export, generate, harness, steering
+
+    run = tmp_path / "sweep" / "codebook=8,seed=0"
+    run.parent.mkdir()
+    run.symlink_to(tiny_lpc_run, target_is_directory=True)
+    assert generate.main([str(run), "prompt=Please describe rivers.", "code=1", "max_new_tokens=3"]) == 0
+    assert "### z: code 1" in capsys.readouterr().out
+    # the other commands get past argument parsing to the option they reject (not their usage text)
+    assert harness.main([str(run), "tasks=bogus_local"]) == 2
+    err = capsys.readouterr()
+    assert "bogus_local" in err.out + err.err and "options (key=value)" not in err.out
+    assert export.main([str(run), "format=bogus"]) != 0
+    err = capsys.readouterr()
+    assert "bogus" in err.out + err.err
+    assert steering.main([str(run), "prompts=bogus"]) == 2
+    assert "prompts='bogus' is not allowed" in capsys.readouterr().err

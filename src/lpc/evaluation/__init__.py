@@ -17,6 +17,13 @@ QUESTIONS_DIR = Path(__file__).resolve().parent / "questions"
 INSTALL_HINT = "pip install -e '.[eval]'  (or: pip install lm-eval)"
 
 
+def is_option(arg: str) -> bool:
+    """One convention for every post-training command (``lpc-generate``, ``lpc-evaluate``, ``lpc-export``,
+    ``lpc-steer``): ``RUN key=value ...``. An argument is an option when it has ``=`` and is not an existing
+    path, so run directories named by a sweep (``codebook=64,seed=0``) are read as the run."""
+    return "=" in arg and not Path(arg).exists()
+
+
 def require_lm_eval():
     """Import and return the ``lm_eval`` package, or raise :class:`MissingExtra` saying what to install."""
     try:

@@ -32,7 +32,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from lpc.errors import ExportError  # noqa: F401  (raised here; defined with the others)
-from lpc.evaluation import QUESTIONS_DIR
+from lpc.evaluation import QUESTIONS_DIR, is_option
 from lpc.files import atomic_write_text
 
 FORMATS = ("alpaca_eval", "mt_bench")
@@ -173,7 +173,7 @@ def export(checkpoint, cfg: ExportConfig, model=None, tokenizer=None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
+    if not argv or argv[0] in ("-h", "--help") or is_option(argv[0]):
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from omegaconf.errors import OmegaConfBaseException

@@ -20,6 +20,7 @@ import torch
 
 from lpc.data import encode_prompt
 from lpc.errors import GenerateError  # noqa: F401  (raised here; defined with the others)
+from lpc.evaluation import is_option
 from lpc.latent import CONTINUOUS_INFERENCE, DISCRETE_INFERENCE
 from lpc.policy import conditioned_on, hidden_states
 
@@ -191,12 +192,12 @@ def _parse_number(key, value, kind, ok, allowed):
 
 def parse_args(argv: list[str]) -> tuple[Path, dict]:
     """``CHECKPOINT key=value ...`` -> (path, options); every check that needs no model runs here."""
-    positional = [a for a in argv if "=" not in a]
+    positional = [a for a in argv if not is_option(a)]
     if len(positional) != 1:
         raise GenerateError(f"expected exactly one CHECKPOINT (a run directory or its final/), got {positional}")
     opts, prompts = dict(DEFAULTS), []
     for arg in argv:
-        if "=" not in arg:
+        if not is_option(arg):
             continue
         key, value = arg.lstrip("+").split("=", 1)
         if key == "prompt":

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from lpc.evaluation import TASKS_DIR, require_lm_eval
+from lpc.evaluation import TASKS_DIR, is_option, require_lm_eval
 from lpc.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("lpc.evaluation.harness")
@@ -256,7 +256,7 @@ def evaluate_checkpoint(checkpoint, cfg: EvalConfig, model=None, tokenizer=None)
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
-    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
+    if not argv or argv[0] in ("-h", "--help") or is_option(argv[0]):
         print(__doc__.strip() + "\n\noptions (key=value): " + ", ".join(EvalConfig.__dataclass_fields__))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from lpc.errors import ConfigError

@@ -25,6 +25,7 @@ import torch
 from lpc.data import encode_prompt
 from lpc.data.synthetic import TOPICS, VERBS, type_rewards
 from lpc.errors import SteeringError  # noqa: F401  (raised here; defined with the others)
+from lpc.evaluation import is_option
 from lpc.policy import conditioned_on
 
 DEFAULTS = {"prompts": 32, "samples": 4, "max_new_tokens": 16, "seed": 0, "temperature": 1.0}
@@ -185,7 +186,7 @@ def markdown(result: dict) -> str:
 
 
 def _parse(argv: list[str]) -> tuple[Path, dict]:
-    positional = [a for a in argv if "=" not in a or Path(a).exists()]
+    positional = [a for a in argv if not is_option(a)]
     if len(positional) != 1:
         raise SteeringError(f"expected exactly one RUN (a run directory or its final/), got {positional}")
     opts = dict(DEFAULTS)
