@@ -468,6 +468,9 @@ def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
         ("latent.codebook_init=bogus", "latent.codebook_init"),
         ("latent.lr_multiplier=0", "latent.lr_multiplier"),
         ("latent.temperature_min=-1", "latent.temperature_min"),
+        ("latent.kl_weight=abc", "latent.kl_weight"),  # not a number: the key, not a TypeError
+        ("latent.mix_start=2", "latent.mix_start"),
+        ("codebook=2.5", "codebook"),
     ],
 )
 def test_bad_new_latent_options_are_config_errors(tmp_path, override, key):

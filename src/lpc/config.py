@@ -119,17 +119,6 @@ def _validate_latent(latent_cfg) -> None:
     device (no memory, no weights) with a stand-in hidden size, and turn its complaint into a ConfigError."""
     import torch
 
-    codebook = latent_cfg.get("codebook_size")
-    if codebook is not None:
-        _require(
-            isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1,
-            "codebook",
-            "an integer >= 1 (the number of latent codes K)",
-            codebook,
-        )
-    for key in ("mix_start", "mix_end", "mix_value"):
-        v = latent_cfg.get(key, 0.0)
-        _require(_is_number(v) and 0.0 <= v <= 1.0, f"latent.{key}", "a number in [0, 1]", v)
     with torch.device("meta"):
         _build_node(latent_cfg, hidden_size=8)
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class ConfigError(ValueError):
     """A config value that is not allowed; the message names the key and what is allowed."""
@@ -44,6 +46,14 @@ def check_choice(key: str, value, allowed) -> None:
     """``ValueError`` naming ``key``, ``value`` and the allowed values when ``value`` is not one of them."""
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not allowed: one of {tuple(allowed)}")
+
+
+def require_number(key: str, value, allowed: str, ok=lambda v: True, integer: bool = False) -> None:
+    """Like :func:`require` for a numeric option: a finite number (an int with ``integer``) for which
+    ``ok`` holds. A string such as ``abc`` gets the same message instead of a comparison's TypeError."""
+    kinds = int if integer else (int, float)
+    is_number = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    require(is_number and ok(value), key, value, allowed)
 
 
 def require(cond: bool, key: str, value, allowed: str) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpc.errors import check_choice, require
+from lpc.errors import check_choice, require_number
 
 SCHEDULES = ("linear", "constant", "cosine")
 POSTERIOR_INPUTS = ("concat", "diff", "concat_diff")
@@ -141,10 +141,12 @@ class _LatentBase(nn.Module):
         check_choice("latent.mix_schedule", mix_schedule, SCHEDULES)
         check_choice("latent.z_positions", z_positions, Z_POSITIONS)
         check_choice("latent.z_injection", z_injection, Z_INJECTIONS)
-        require(kl_weight >= 0, "latent.kl_weight", kl_weight, "a number >= 0 (lambda)")
-        require(lr_multiplier > 0, "latent.lr_multiplier", lr_multiplier, "a number > 0")
-        require(0 <= kl_warmup <= 1, "latent.kl_warmup", kl_warmup, "a fraction of training in [0, 1]")
-        require(kl_free_bits >= 0, "latent.kl_free_bits", kl_free_bits, "a number of nats >= 0")
+        require_number("latent.kl_weight", kl_weight, "a number >= 0 (lambda)", lambda v: v >= 0)
+        require_number("latent.lr_multiplier", lr_multiplier, "a number > 0", lambda v: v > 0)
+        require_number("latent.kl_warmup", kl_warmup, "a fraction of training in [0, 1]", lambda v: 0 <= v <= 1)
+        require_number("latent.kl_free_bits", kl_free_bits, "a number of nats >= 0", lambda v: v >= 0)
+        for key, v in (("mix_start", mix_start), ("mix_end", mix_end), ("mix_value", mix_value)):
+            require_number(f"latent.{key}", v, "a number in [0, 1]", lambda x: 0 <= x <= 1)
         self.hidden_size, self.kl_weight, self.name = hidden_size, kl_weight, name
         self.posterior_input, self.z_positions, self.z_injection = posterior_input, z_positions, z_injection
         # Read by the trainer: the optimizer gives the latent's parameters lr x lr_multiplier.
@@ -194,17 +196,15 @@ class DiscreteLatent(_LatentBase):
         **common,
     ):
         super().__init__(hidden_size, name=name, **common)
-        require(codebook_size >= 1, "codebook", codebook_size, "an integer >= 1 (the number of codes K)")
-        require(temperature > 0, "latent.temperature", temperature, "a number > 0")
-        require(
-            temperature_min is None or temperature_min > 0,
-            "latent.temperature_min",
-            temperature_min,
-            "null (no annealing) or a number > 0",
-        )
+        require_number("codebook", codebook_size, "an integer >= 1 (the number of codes K)", lambda v: v >= 1, True)
+        require_number("latent.temperature", temperature, "a number > 0", lambda v: v > 0)
+        if temperature_min is not None:
+            require_number(
+                "latent.temperature_min", temperature_min, "null (no annealing) or a number > 0", lambda v: v > 0
+            )
         check_choice("latent.inference", inference, DISCRETE_INFERENCE)
         check_choice("latent.codebook_init", codebook_init, CODEBOOK_INITS)
-        require(codebook_init_scale >= 0, "latent.codebook_init_scale", codebook_init_scale, "a number >= 0")
+        require_number("latent.codebook_init_scale", codebook_init_scale, "a number >= 0", lambda v: v >= 0)
         self.codebook_size, self.hard, self.inference = codebook_size, hard, inference
         self.temperature, self.temperature_min = float(temperature), temperature_min
         self.codebook_init, self.codebook_init_scale = codebook_init, float(codebook_init_scale)
@@ -319,7 +319,7 @@ class ContinuousLatent(_LatentBase):
     ):
         super().__init__(hidden_size, name=name, **common)
         check_choice("latent.inference", inference, CONTINUOUS_INFERENCE)
-        require(mean_scale > 0, "latent.mean_scale", mean_scale, "a number > 0")
+        require_number("latent.mean_scale", mean_scale, "a number > 0", lambda v: v > 0)
         self.inference, self.mean_scale = inference, float(mean_scale)
         # Not a parameter: z's unit, fixed by calibrate() (saved with the weights).
         self.register_buffer("z_scale", torch.tensor(1.0))

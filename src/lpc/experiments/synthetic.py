@@ -19,10 +19,9 @@ import argparse
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from lpc.files import atomic_write_json, atomic_write_text
 from lpc.stats import fmt_mean_ci, paired_difference, summarize
+from lpc.training import rundir
 
 DATA_KEYS = ("n_types", "conflict", "visibility", "tag_accuracy", "label_noise", "flip", "flip_marker", "steps")
 METRICS = (
@@ -41,14 +40,12 @@ METRICS = (
 
 
 def read_run(run_dir: Path) -> dict | None:
-    hydra = run_dir / ".hydra"
-    if not (hydra / "config.yaml").exists():
+    """A completed run's data setting, method, seed and metrics (``lpc.training.rundir`` reads the files)."""
+    cfg = rundir.load_config(run_dir)
+    if cfg is None or rundir.status(run_dir) != "completed":
         return None
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    if metrics.get("status") != "completed":
-        return None
-    cfg = OmegaConf.load(hydra / "config.yaml")
-    overrides = OmegaConf.load(hydra / "overrides.yaml") if (hydra / "overrides.yaml").exists() else []
+    metrics = rundir.load_metrics(run_dir)
+    overrides = rundir.load_overrides(run_dir)
     flip = float(cfg.flip)
     data = {
         "n_types": int(cfg.data.n_types),
