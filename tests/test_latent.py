@@ -248,12 +248,8 @@ def reload_and_evaluate(run_dir):
     from accelerate import Accelerator
     from hydra.utils import instantiate
 
-    from lpc.backbones import default_cache_dir
-    from lpc.data import PairCollator
-    from lpc.run import build_datasets
+    from lpc.run import build_datasets, preference_trainer, with_reference_logps
     from lpc.training.checkpoint import load_checkpoint
-    from lpc.training.reference import attach_reference_logps, key_parts
-    from lpc.training.trainer import PreferenceTrainer
 
     model, tokenizer, cfg = load_checkpoint(run_dir)
     algo = instantiate(cfg.algo)
@@ -261,31 +257,10 @@ def reload_and_evaluate(run_dir):
     accelerator, ref = Accelerator(cpu=True), None
     if algo.needs_reference:
         ref, _ = instantiate(cfg.model)  # the frozen initial model
-        if cfg.trainer.get("reference_logps", "on_the_fly") == "precompute":
-            # as run.run does: the initial model's log-probs, from the cache keyed on its weights and the tokens
-            parts = key_parts(cfg, ref, train_ds, eval_ds, "cpu")
-            splits, _ = attach_reference_logps(
-                ref,
-                {"train": train_ds, "eval": eval_ds},
-                parts,
-                accelerator,
-                PairCollator(tokenizer.pad_token_id),
-                cfg.trainer.eval_batch_size,
-                cfg.model.get("cache_dir") or default_cache_dir(),
-            )
-            eval_ds, ref = splits["eval"], None
-    trainer = PreferenceTrainer(
-        model=model,
-        ref_model=ref,
-        tokenizer=tokenizer,
-        algo=algo,
-        train_dataset=eval_ds,
-        eval_dataset=eval_ds,
-        trainer_cfg=cfg.trainer,
-        run_dir=run_dir,
-        optimizer_factory=instantiate(cfg.trainer.optimizer),
-        accelerator=accelerator,
-    )
+        if cfg.trainer.get("reference_logps", "on_the_fly") == "precompute":  # as build_trainer does
+            _, eval_ds, _ = with_reference_logps(cfg, ref, train_ds, eval_ds, accelerator, tokenizer)
+            ref = None
+    trainer = preference_trainer(cfg, model, ref, tokenizer, eval_ds, eval_ds, run_dir, accelerator)
     return model, trainer.evaluate()
 
 

@@ -62,7 +62,7 @@ def test_a_corrupted_or_foreign_entry_is_not_used(tmp_path):
 def test_precomputed_reference_gives_the_on_the_fly_losses(tmp_path):
     from hydra.utils import instantiate
 
-    from lpc.training.trainer import PreferenceTrainer
+    from lpc.run import preference_trainer
 
     cfg, lm, tok, splits, _ = prepare(["latent=discrete", "codebook=4"], tmp_path)
 
@@ -71,16 +71,8 @@ def test_precomputed_reference_gives_the_on_the_fly_losses(tmp_path):
 
         torch.manual_seed(0)
         latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size)
-        return PreferenceTrainer(
-            model=PreferenceModel(copy.deepcopy(lm), latent),
-            ref_model=ref,
-            tokenizer=tok,
-            algo=instantiate(cfg.algo),
-            train_dataset=train,
-            eval_dataset=ev,
-            trainer_cfg=cfg.trainer,
-            run_dir=tmp_path / sub,
-            optimizer_factory=instantiate(cfg.trainer.optimizer),
+        return preference_trainer(
+            cfg, PreferenceModel(copy.deepcopy(lm), latent), ref, tok, train, ev, tmp_path / sub, None
         )
 
     plain = {k: v.remove_columns(["ref_chosen_logps", "ref_rejected_logps"]) for k, v in splits.items()}

@@ -59,13 +59,52 @@ def wandb_tracker(cfg: DictConfig, run_dir: Path) -> dict | None:
     }
 
 
+def with_reference_logps(cfg, ref_lm, train_ds, eval_ds, accelerator, tokenizer):
+    """``(train, eval, info)`` with each pair's reference log-probs from ``ref_lm`` (the initial policy),
+    read from the cache keyed on its weights and the tokens, or computed once and cached."""
+    from lpc.backbones import default_cache_dir
+    from lpc.data import PairCollator
+    from lpc.training.reference import attach_reference_logps, key_parts
+
+    parts = key_parts(cfg, ref_lm, train_ds, eval_ds, accelerator.device.type)
+    splits, info = attach_reference_logps(
+        ref_lm,
+        {"train": train_ds, "eval": eval_ds},
+        parts,
+        accelerator,
+        PairCollator(tokenizer.pad_token_id),
+        cfg.trainer.eval_batch_size,
+        cfg.model.get("cache_dir") or default_cache_dir(),
+    )
+    return splits["train"], splits["eval"], info
+
+
+def preference_trainer(cfg, model, ref_model, tokenizer, train_ds, eval_ds, run_dir, accelerator, tracker=None):
+    """A ``PreferenceTrainer`` for built parts, with the algorithm, optimizer and fingerprint ``cfg`` names."""
+    from lpc.training.trainer import PreferenceTrainer
+
+    return PreferenceTrainer(
+        model=model,
+        ref_model=ref_model,
+        tokenizer=tokenizer,
+        algo=instantiate(cfg.algo),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        trainer_cfg=cfg.trainer,
+        run_dir=run_dir,
+        optimizer_factory=instantiate(cfg.trainer.optimizer),
+        tracker=tracker,
+        fingerprint=fingerprint(cfg),
+        accelerator=accelerator,
+    )
+
+
 def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracker: dict | None = None):
     """Every object ``cfg`` names, wired into a ``PreferenceTrainer``: ``(trainer, tokenizer, data_stats)``.
     The one place a trainer is built from a config (training, the benchmark script and the tests)."""
     from accelerate.utils import set_seed
 
     from lpc.training.distributed import build_accelerator
-    from lpc.training.trainer import PreferenceTrainer
 
     accelerator = accelerator or build_accelerator(cfg.trainer, run_dir)
     set_seed(cfg.seed)
@@ -81,37 +120,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracke
     train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
     log.info("data: %d train / %d eval pairs", len(train_ds), len(eval_ds))
     if precompute:
-        from lpc.backbones import default_cache_dir
-        from lpc.data import PairCollator
-        from lpc.training.reference import attach_reference_logps, key_parts
-
         lm.to(accelerator.device)
-        parts = key_parts(cfg, lm, train_ds, eval_ds, accelerator.device.type)
-        splits, info = attach_reference_logps(
-            lm,
-            {"train": train_ds, "eval": eval_ds},
-            parts,
-            accelerator,
-            PairCollator(tokenizer.pad_token_id),
-            cfg.trainer.eval_batch_size,
-            cfg.model.get("cache_dir") or default_cache_dir(),
-        )
-        train_ds, eval_ds = splits["train"], splits["eval"]
+        train_ds, eval_ds, info = with_reference_logps(cfg, lm, train_ds, eval_ds, accelerator, tokenizer)
         data_stats.update(info)
-    trainer = PreferenceTrainer(
-        model=PreferenceModel(lm, latent),
-        ref_model=ref,
-        tokenizer=tokenizer,
-        algo=algo,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        trainer_cfg=cfg.trainer,
-        run_dir=run_dir,
-        optimizer_factory=instantiate(cfg.trainer.optimizer),
-        tracker=tracker,
-        fingerprint=fingerprint(cfg),
-        accelerator=accelerator,
-    )
+    model = PreferenceModel(lm, latent)
+    trainer = preference_trainer(cfg, model, ref, tokenizer, train_ds, eval_ds, run_dir, accelerator, tracker)
     return trainer, tokenizer, data_stats
 
 

@@ -30,6 +30,5 @@ def require_lm_eval():
         return importlib.import_module("lm_eval")
     except ImportError as err:
         raise MissingExtra(
-            f"lm-evaluation-harness is not installed (needed for `python -m lpc.evaluation.harness`): "
-            f"{INSTALL_HINT}. ({err})"
+            f"lm-evaluation-harness is not installed (needed for `lpc-evaluate`): {INSTALL_HINT}. ({err})"
         ) from None

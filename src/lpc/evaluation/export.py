@@ -1,7 +1,7 @@
 """Generate answers for AlpacaEval 2 and MT-bench, in the files those tools read.
 
-    python -m lpc.evaluation.export CHECKPOINT format=alpaca_eval [questions=PATH] [out=PATH] [model_id=NAME]
-    python -m lpc.evaluation.export CHECKPOINT format=mt_bench    [questions=PATH] [out=PATH] [model_id=NAME]
+    lpc-export CHECKPOINT format=alpaca_eval [questions=PATH] [out=PATH] [model_id=NAME]
+    lpc-export CHECKPOINT format=mt_bench    [questions=PATH] [out=PATH] [model_id=NAME]
 
 * ``alpaca_eval``: questions are alpaca_eval's evaluation set (a JSON list, or JSONL, of rows
   ``{instruction, output, generator, dataset}``; only ``instruction`` and ``dataset`` are read). Writes

@@ -1,6 +1,6 @@
 """Generate from a trained checkpoint, with z from the prior or with a code the user picks.
 
-    python -m lpc.evaluation.generate CHECKPOINT prompt="..." [code=3] [max_new_tokens=64] [seed=0]
+    lpc-generate CHECKPOINT prompt="..." [code=3] [max_new_tokens=64] [seed=0]
                            [temperature=1.0] [top_p=1.0] [greedy=false] [inference=...]
 
 CHECKPOINT is a run directory or its ``final/``. For an LPC checkpoint, z is added to the LM head's

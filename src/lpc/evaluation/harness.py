@@ -1,7 +1,7 @@
 """Benchmark a trained checkpoint with lm-evaluation-harness and merge the results into the run's metrics.json.
 
-    python -m lpc.evaluation.harness CHECKPOINT tasks=arc_challenge_local,arc_easy_local,gsm8k_local,truthfulqa_local [limit=N]
-    python -m lpc.evaluation.harness outputs/runs/.../my_run tasks=paper batch_size=16        # hub tasks (cluster)
+    lpc-evaluate CHECKPOINT tasks=arc_challenge_local,arc_easy_local,gsm8k_local,truthfulqa_local [limit=N]
+    lpc-evaluate outputs/runs/.../my_run tasks=paper batch_size=16        # hub tasks (cluster)
 
 CHECKPOINT is a run directory (its ``final/`` is loaded) or a checkpoint directory. LPC checkpoints run the
 LPC-conditioned policy (z from the prior; see ``lpc.evaluation.lm_eval_model``). Every numeric metric lands in
@@ -45,7 +45,7 @@ TASK_ALIASES = {
 
 @dataclass
 class EvalConfig:
-    """The options of ``python -m lpc.evaluation.harness`` and of the ``eval`` node of the training config."""
+    """The options of ``lpc-evaluate`` and of the ``eval`` node of the training config."""
 
     tasks: Any = field(default_factory=list)  # list or comma-separated names; aliases: paper, paper_local, local
     limit: Optional[float] = None  # examples per task (< 1: a fraction); null = all

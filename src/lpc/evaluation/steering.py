@@ -1,6 +1,6 @@
 """Type-steered generation: does a code make the policy write what one annotator type wants?
 
-    python -m lpc.evaluation.steering RUN [prompts=32] [samples=4] [max_new_tokens=16] [seed=0]
+    lpc-steer RUN [prompts=32] [samples=4] [max_new_tokens=16] [seed=0]
 
 RUN is a run directory (or its ``final/``) of an LPC model trained on ``data=synthetic``, whose
 generator gives every type's ground-truth reward of any text (``lpc.data.synthetic.type_rewards``).
@@ -16,8 +16,10 @@ second half, so picking the best of K codes does not select noise. Writes ``stee
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +30,16 @@ from lpc.errors import SteeringError  # noqa: F401  (raised here; defined with t
 from lpc.evaluation import is_option
 from lpc.policy import conditioned_on
 
-DEFAULTS = {"prompts": 32, "samples": 4, "max_new_tokens": 16, "seed": 0, "temperature": 1.0}
+
+@dataclass(frozen=True)
+class SteeringOptions:
+    """What ``lpc-steer`` samples: ``prompts`` untagged prompts x ``samples`` responses of ``max_new_tokens``."""
+
+    prompts: int = 32
+    samples: int = 4
+    max_new_tokens: int = 16
+    seed: int = 0
+    temperature: float = 1.0
 
 
 def steering_prompts(n: int, seed: int) -> list[str]:
@@ -109,11 +120,7 @@ def steering_table(
     tokenizer,
     n_types: int,
     conflict: float,
-    prompts: int = 32,
-    samples: int = 4,
-    max_new_tokens: int = 16,
-    seed: int = 0,
-    temperature: float = 1.0,
+    opts: SteeringOptions = SteeringOptions(),
     sources: list[str] | None = None,
 ) -> dict:
     """Per code (and for z = 0): each type's mean reward on both prompt halves; per type: the code chosen
@@ -123,11 +130,13 @@ def steering_table(
     if latent is None or not hasattr(latent, "codebook_size"):
         raise SteeringError("type-steered generation needs an LPC run with a discrete latent (a codebook)")
     model.eval()
-    texts_prompts = steering_prompts(prompts, seed)
+    texts_prompts = steering_prompts(opts.prompts, opts.seed)
     half = len(texts_prompts) // 2
 
     def rewards(z):
-        gen = generate_with_z(model, tokenizer, texts_prompts, z, samples, max_new_tokens, temperature, seed)
+        gen = generate_with_z(
+            model, tokenizer, texts_prompts, z, opts.samples, opts.max_new_tokens, opts.temperature, opts.seed
+        )
         # per prompt-half and type: the responses' rewards
         out = []
         for part in (gen[:half], gen[half:]):
@@ -147,7 +156,7 @@ def steering_table(
         "n_types": n_types,
         "conflict": conflict,
         "prompts": len(texts_prompts),
-        "samples": samples,
+        "samples": opts.samples,
         "rows": {},
         "best_code": {},
     }
@@ -185,25 +194,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parse(argv: list[str]) -> tuple[Path, dict]:
+def _parse(argv: list[str]) -> tuple[Path, SteeringOptions]:
     positional = [a for a in argv if not is_option(a)]
     if len(positional) != 1:
         raise SteeringError(f"expected exactly one RUN (a run directory or its final/), got {positional}")
-    opts = dict(DEFAULTS)
+    kinds = {f.name: f.type for f in dataclasses.fields(SteeringOptions)}
+    opts = {}
     for arg in argv:
         if arg in positional:
             continue
         key, value = arg.split("=", 1)
-        if key not in DEFAULTS:
-            raise SteeringError(f"unknown argument {key!r}; allowed: {', '.join(DEFAULTS)}")
-        kind = float if key == "temperature" else int
+        if key not in kinds:
+            raise SteeringError(f"unknown argument {key!r}; allowed: {', '.join(kinds)}")
+        kind = float if kinds[key] == "float" else int
         try:
             opts[key] = kind(value)
         except ValueError:
             raise SteeringError(f"{key}={value!r} is not allowed: a number") from None
         if opts[key] <= 0 and key != "seed":
             raise SteeringError(f"{key}={value!r} is not allowed: a number > 0")
-    return Path(positional[0]), opts
+    return Path(positional[0]), SteeringOptions(**opts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None or cfg.data.get("name") != "synthetic":
             raise SteeringError(f"{path} was not trained on data=synthetic: no ground-truth type rewards to score with")
         sources = list(cfg.data.get("sources") or []) or None
-        result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), sources=sources, **opts)
+        result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), opts, sources)
     except (SteeringError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
 """Will a training run fit on the GPUs, and what will it cost? Estimates from the config alone.
 
-    python -m lpc.plan <the overrides of src/train.py> [hardware=a100_80g_x8|h100_80g_x8|a100_40g_x8|cpu]
+    lpc-plan <the overrides of src/train.py> [hardware=a100_80g_x8|h100_80g_x8|a100_40g_x8|cpu]
                        [--pairs N] [--mfu 0.4] [--headroom 0.1] [--json] [--verbose]
 
-e.g. ``python -m lpc.plan model=llama3_8b algo=dpo distributed=zero3 hardware=a100_80g_x8``.
+e.g. ``lpc-plan` model=llama3_8b algo=dpo distributed=zero3 hardware=a100_80g_x8``.
 Nothing is downloaded, built or run: the model's shapes come from ``model.arch`` in conf/model/*.yaml.
 A sweep (``algo=dpo,simpo``, ``seed=range(0,5)`` or an experiment's ``sweep.grid``) is planned job by job,
 with totals. Exit code: 0 every job fits, 1 some job does not (the smallest change that fits is printed
@@ -413,12 +413,9 @@ def _setup(
     )
 
 
-def _estimate(s: _Setup) -> Plan:
+def _memory(s: _Setup) -> dict:
+    """Bytes per GPU of one training step and one eval step: the ``Plan``'s memory fields."""
     a, world = s.arch, s.world
-    if not 0 < s.mfu <= 1:
-        raise PlanError(f"--mfu {s.mfu} is not allowed: a fraction in (0, 1]")
-    if not 0 <= s.headroom < 1:
-        raise PlanError(f"--headroom {s.headroom} is not allowed: a fraction in [0, 1)")
     mixed = s.precision in ("bf16", "fp16")
     dtype_bytes = DTYPE_BYTES[s.dtype]
     # bytes per trainable parameter: weights, gradients, optimizer states
@@ -428,34 +425,39 @@ def _estimate(s: _Setup) -> Plan:
         w, g, o = dtype_bytes, dtype_bytes, 2 * dtype_bytes  # plain AdamW in the weights' dtype
     compute_bytes = 2 if mixed else dtype_bytes
     n = a.num_parameters
-    trainable = n + s.n_latent
-    shard = world if s.distributed in SHARDED else 1
-    weights, gradients, optimizer = w * trainable / shard, g * trainable / shard, o * trainable / shard
-    host = 0.0
-    if s.offload_optimizer:
-        host = (o + 4) * trainable / shard * min(s.gpus_per_node, world)  # fp32 states + fp32 grads per node
-        optimizer = 0.0
-    reference = dtype_bytes * n if s.reference_on_the_fly else 0.0  # replicated, never sharded
-    gathered = 0.0
+    per_gpu = (n + s.n_latent) / (world if s.distributed in SHARDED else 1)
+    m = {"weights": w * per_gpu, "gradients": g * per_gpu, "optimizer": o * per_gpu, "host_offload_per_node": 0.0}
+    if s.offload_optimizer:  # fp32 states + fp32 grads of every GPU of a node, in its host RAM
+        m.update(optimizer=0.0, host_offload_per_node=(o + 4) * per_gpu * min(s.gpus_per_node, world))
+    m["reference_weights"] = dtype_bytes * n if s.reference_on_the_fly else 0.0  # replicated, never sharded
+    m["gathered"] = 0.0
     if s.distributed in SHARDED:  # the embedding/head unit and the current + prefetched decoder layer
-        gathered = compute_bytes * ((2 - a.tie_word_embeddings) * a.embedding_parameters + 2 * a.layer_parameters)
+        units = (2 - a.tie_word_embeddings) * a.embedding_parameters + 2 * a.layer_parameters
+        m["gathered"] = compute_bytes * units
     # activations of one micro-batch: 2 x batch_size sequences of seq_len tokens (Korthikanti et al. 2022)
     sq, b, h, L = s.seq_len, 2 * s.batch_pairs, a.hidden_size, a.num_hidden_layers
     scale = compute_bytes / 2
     scores = 5 * a.num_attention_heads * sq / h if s.attention_scores_stored else 0.0
     per_layer = sq * b * h * (34 + scores) * scale
-    act_none = L * per_layer
-    act_ckpt = L * 2 * sq * b * h * scale + per_layer
+    m["activations_no_checkpointing"] = L * per_layer
+    m["activations_checkpointing"] = L * 2 * sq * b * h * scale + per_layer
     # the scored tokens' logits (at most sq per sequence): fp32 + one fp32 temporary of the same shape
-    logits = 8 * sq * b * a.vocab_size
-    eval_logits = 8 * sq * 2 * s.eval_batch_pairs * a.vocab_size
-    static = weights + gradients + optimizer + reference + gathered
-    train_peak = static + (act_ckpt if s.gradient_checkpointing else act_none) + logits
-    eval_peak = static + eval_logits
-    peak = max(train_peak, eval_peak)
-    budget = s.gpu_memory_gb * GiB * (1 - s.headroom)
+    m["logits"] = 8 * sq * b * a.vocab_size
+    m["eval_logits"] = 8 * sq * 2 * s.eval_batch_pairs * a.vocab_size
+    static = sum(m[k] for k in ("weights", "gradients", "optimizer", "reference_weights", "gathered"))
+    act = m["activations_checkpointing" if s.gradient_checkpointing else "activations_no_checkpointing"]
+    m["train_peak"] = static + act + m["logits"]
+    m["eval_peak"] = static + m["eval_logits"]
+    m["peak"] = max(m["train_peak"], m["eval_peak"])
+    m["budget"] = s.gpu_memory_gb * GiB * (1 - s.headroom)
+    m["fits"] = m["peak"] <= m["budget"]
+    m["_bytes_per_param"] = w + g + o  # for the notes only
+    return m
 
-    # compute, with the trainer's step arithmetic (lpc.training.trainer)
+
+def _compute(s: _Setup) -> dict:
+    """Steps, tokens, FLOPs and GPU-hours of the run, with the trainer's step arithmetic (lpc.training.trainer)."""
+    n, world = s.arch.num_parameters, s.world
     global_batch = s.batch_pairs * s.grad_accum * world
     steps_per_epoch = s.pairs // global_batch
     if steps_per_epoch < 1:
@@ -466,14 +468,21 @@ def _estimate(s: _Setup) -> Plan:
     if s.max_steps <= 0 and s.epochs <= 0:
         raise PlanError("trainer.max_steps or trainer.epochs must be > 0")
     steps = s.max_steps if s.max_steps > 0 else s.epochs * steps_per_epoch
-    pairs_seen = steps * global_batch
-    tokens = pairs_seen * 2 * s.seq_len
-    flops_policy = 6.0 * trainable * tokens
-    flops_reference = 2.0 * n * tokens if s.reference_on_the_fly else 0.0
-    flops_precompute = 2.0 * n * s.pairs * 2 * s.seq_len if s.needs_reference and not s.reference_on_the_fly else 0.0
-    peak_tflops = s.peak_tflops_bf16 if (mixed or dtype_bytes == 2) else s.peak_tflops_fp32
-    gpu_hours = (flops_policy + flops_reference + flops_precompute) / (peak_tflops * 1e12 * s.mfu) / 3600
+    tokens = steps * global_batch * 2 * s.seq_len
+    c = {"global_batch": global_batch, "steps": steps, "pairs_seen": steps * global_batch, "tokens": tokens}
+    c["flops_policy"] = 6.0 * (n + s.n_latent) * tokens
+    c["flops_reference"] = 2.0 * n * tokens if s.reference_on_the_fly else 0.0
+    once = s.needs_reference and not s.reference_on_the_fly
+    c["flops_precompute"] = 2.0 * n * s.pairs * 2 * s.seq_len if once else 0.0
+    sixteen_bit = s.precision in ("bf16", "fp16") or DTYPE_BYTES[s.dtype] == 2
+    c["peak_tflops"] = s.peak_tflops_bf16 if sixteen_bit else s.peak_tflops_fp32
+    flops = c["flops_policy"] + c["flops_reference"] + c["flops_precompute"]
+    c["gpu_hours"] = flops / (c["peak_tflops"] * 1e12 * s.mfu) / 3600
+    c["wall_hours"] = c["gpu_hours"] / world
+    return c
 
+
+def _notes(s: _Setup, memory: dict) -> list[str]:
     notes = []
     if s.distributed == "none" and s.gpus_per_node * s.nodes > 1:
         notes.append(
@@ -485,65 +494,44 @@ def _estimate(s: _Setup) -> Plan:
             "the on-the-fly reference model is replicated, not sharded, on every GPU "
             "(trainer.reference_logps=precompute removes it)"
         )
-    if dtype_bytes == 2 and s.distributed in ("none", "ddp"):
+    if DTYPE_BYTES[s.dtype] == 2 and s.distributed in ("none", "ddp"):
         notes.append(
             f"model.dtype={s.dtype} with distributed={s.distributed}: the loader keeps 16-bit weights and "
             "torch AdamW 16-bit moments, so the run would hold 8 B/param, not the "
-            f"{w + g + o} counted here, and its updates (about lr) mostly fall below bf16 resolution; "
+            f"{memory['_bytes_per_param']} counted here, and its updates (about lr) mostly fall below bf16 resolution; "
             "fsdp upcasts to fp32, zero3 keeps fp32 master weights"
         )
     if s.offload_optimizer:
-        notes.append(f"optimizer states offloaded to CPU: {host / GiB:.1f} GiB of host RAM per node")
+        notes.append(
+            f"optimizer states offloaded to CPU: {memory['host_offload_per_node'] / GiB:.1f} GiB of host RAM per node"
+        )
+    return notes
+
+
+# Plan fields copied from the setup as they are (the others are computed, or renamed below).
+_COPIED = (
+    "model algo latent distributed precision hardware gpu_memory_gb gpus_per_node nodes world seq_len batch_pairs "
+    "eval_batch_pairs gradient_checkpointing attention_scores_stored offload_optimizer headroom pairs pairs_source mfu"
+).split()
+
+
+def _estimate(s: _Setup) -> Plan:
+    if not 0 < s.mfu <= 1:
+        raise PlanError(f"--mfu {s.mfu} is not allowed: a fraction in (0, 1]")
+    if not 0 <= s.headroom < 1:
+        raise PlanError(f"--headroom {s.headroom} is not allowed: a fraction in [0, 1)")
+    memory, compute = _memory(s), _compute(s)
+    notes = _notes(s, memory)
+    del memory["_bytes_per_param"]
+    reference = "on_the_fly" if s.reference_on_the_fly else ("precompute" if s.needs_reference else "none")
     return Plan(
-        model=s.model,
-        algo=s.algo,
-        latent=s.latent,
-        distributed=s.distributed,
-        precision=s.precision,
+        **{k: getattr(s, k) for k in _COPIED},
         model_dtype=s.dtype,
-        hardware=s.hardware,
-        gpu_memory_gb=s.gpu_memory_gb,
-        gpus_per_node=s.gpus_per_node,
-        nodes=s.nodes,
-        world=world,
-        n_params=n,
+        n_params=s.arch.num_parameters,
         n_latent_params=s.n_latent,
-        seq_len=s.seq_len,
-        batch_pairs=s.batch_pairs,
-        eval_batch_pairs=s.eval_batch_pairs,
-        gradient_checkpointing=s.gradient_checkpointing,
-        reference="on_the_fly" if s.reference_on_the_fly else ("precompute" if s.needs_reference else "none"),
-        attention_scores_stored=s.attention_scores_stored,
-        offload_optimizer=s.offload_optimizer,
-        weights=weights,
-        gradients=gradients,
-        optimizer=optimizer,
-        reference_weights=reference,
-        gathered=gathered,
-        activations_checkpointing=act_ckpt,
-        activations_no_checkpointing=act_none,
-        logits=logits,
-        eval_logits=eval_logits,
-        host_offload_per_node=host,
-        train_peak=train_peak,
-        eval_peak=eval_peak,
-        peak=peak,
-        headroom=s.headroom,
-        budget=budget,
-        fits=peak <= budget,
-        pairs=s.pairs,
-        pairs_source=s.pairs_source,
-        global_batch=global_batch,
-        steps=steps,
-        pairs_seen=pairs_seen,
-        tokens=tokens,
-        flops_policy=flops_policy,
-        flops_reference=flops_reference,
-        flops_precompute=flops_precompute,
-        mfu=s.mfu,
-        peak_tflops=peak_tflops,
-        gpu_hours=gpu_hours,
-        wall_hours=gpu_hours / world,
+        reference=reference,
+        **memory,
+        **compute,
         overrides=list(s.overrides),
         notes=notes,
     )
@@ -660,7 +648,7 @@ def format_plan(p: Plan) -> str:
     }[p.reference]
     gpus = f"{p.world} GPU{'s' if p.world > 1 else ''}"
     lines = [
-        f"lpc.plan: {' '.join(p.overrides) or '(defaults)'}",
+        f"lpc-plan: {' '.join(p.overrides) or '(defaults)'}",
         f"  model {p.model}: {p.n_params:,} parameters{lat}; algo={p.algo} latent={p.latent} "
         f"precision={p.precision} (model.dtype={p.model_dtype}) distributed={p.distributed}",
         f"  hardware {p.hardware}: {p.nodes} x {p.gpus_per_node} GPUs of {p.gpu_memory_gb:g} GiB; this job uses {gpus}",
@@ -812,7 +800,7 @@ def expand_jobs(overrides: list[str], conf_dir: Path) -> list[tuple[list[str], D
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lpc.plan",
+        prog="lpc-plan",
         description=__doc__.split("\n\n")[0],
         epilog="Overrides are those of src/train.py, plus hardware=<a100_80g_x8|h100_80g_x8|a100_40g_x8|cpu> "
         "and hardware.<key>=<value>. Exit code 0: fits; 1: does not fit; 2: config error. docs/planning.md",
@@ -846,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = expand_jobs(args.overrides, conf_dir)
         plans = [plan(cfg, pairs=args.pairs, mfu=args.mfu, headroom=args.headroom, overrides=job) for job, cfg in jobs]
     except (PlanError, HydraException, OmegaConfBaseException) as err:
-        print(f"lpc.plan: config error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"lpc-plan: config error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([p.to_dict() for p in plans], indent=2))

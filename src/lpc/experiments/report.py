@@ -1,4 +1,4 @@
-"""Turn a sweep directory into the paper's tables: ``python -m lpc.experiments.report SWEEP_DIR``.
+"""Turn a sweep directory into the paper's tables: ``lpc-report` SWEEP_DIR``.
 
 Reads every run's config (``.hydra/config.yaml``, else ``final/lpc_config.yaml``) and ``metrics.json``,
 groups the runs by their grid values (``sweep.grid`` of the experiment config) without the seed,
@@ -426,8 +426,7 @@ def status_section(sweep: dict) -> str:
                 lines.append("  (no log file in the run directory)")
         lines.append("")
     lines += [
-        "Rerun the same `make reproduce-*` / `python -m lpc.experiments.sweep` command to run only the missing, "
-        "incomplete and failed runs.",
+        "Rerun the same `make reproduce-*` / `lpc-sweep` command to run only the missing, incomplete and failed runs.",
         "",
     ]
     return "\n".join(lines)

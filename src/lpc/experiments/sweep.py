@@ -1,6 +1,6 @@
 """Run a paper experiment's grid through Hydra multirun, skipping finished runs, then report it.
 
-    python -m lpc.experiments.sweep experiment=codebook [scale=cpu|paper] [launcher=local|submitit_local|slurm]
+    lpc-sweep experiment=codebook [scale=cpu|paper] [launcher=local|submitit_local|slurm]
                         [--dry-run] [--sweep-dir DIR] [--no-report] [any other override ...]
 
 The experiment config (conf/experiment/NAME.yaml) names its grid in ``sweep.grid`` (key -> values).

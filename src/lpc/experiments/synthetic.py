@@ -1,7 +1,7 @@
 """Tables of the synthetic benchmark (docs/synthetic-benchmark.md) from finished runs.
 
-    python -m lpc.experiments.synthetic outputs/benchmark/synthetic            # every run below this directory
-    python -m lpc.experiments.synthetic DIR --out docs/assets/synthetic-benchmark
+    lpc-synthetic-report outputs/benchmark/synthetic            # every run below this directory
+    lpc-synthetic-report DIR --out docs/assets/synthetic-benchmark
 
 A run is a directory with a ``metrics.json`` of status ``completed`` and Hydra's ``.hydra/``. Runs that
 differ only in ``seed`` form one cell. A cell's data setting (conflict, visibility, tag accuracy,
@@ -223,7 +223,7 @@ def steering_section(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lpc.experiments.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lpc-synthetic-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="directory holding the benchmark's runs (searched recursively)")
     parser.add_argument("--out", default=None, help="where to write benchmark.md/.json (default: root)")
     parser.add_argument("--command", default=None, help="the command that made the runs, quoted in benchmark.md")
