@@ -87,6 +87,12 @@ BAD = [
     (["trainer.max_length=1"], "trainer.max_length=1"),
     (["data=jsonl", "data.train_file=/nope.jsonl"], "data.train_file='/nope.jsonl'"),
     (["data=jsonl"], "data.train_file"),  # no file given at all
+    (["trainer.global_batch_size=100"], "trainer.global_batch_size=100 is not allowed with trainer.batch_size=16"),
+    (
+        ["trainer.global_batch_size=32", "trainer.gradient_accumulation_steps=1"],
+        "trainer.gradient_accumulation_steps=1",
+    ),
+    (["trainer.global_batch_size=0"], "trainer.global_batch_size=0"),
 ]
 
 
@@ -106,6 +112,56 @@ def test_bad_input_fails_fast_with_the_key(overrides, message, tmp_path):
     assert not (run_dir / "checkpoints").exists()
     assert not cache.exists(), "a model or tokenizer was loaded before the config error"
     assert time.time() - start < 60
+
+
+def test_global_batch_derives_the_accumulation():
+    from lpc.training.distributed import gradient_accumulation
+
+    gpu = compose(["model=llama3_8b"]).trainer  # the paper recipe: 128 pairs, 2 per GPU
+    assert (gpu.global_batch_size, gpu.batch_size, gpu.gradient_accumulation_steps) == (128, 2, None)
+    assert [gradient_accumulation(gpu, world) for world in (8, 4, 16, 1)] == [8, 16, 4, 64]
+    with pytest.raises(ConfigError, match=r"a multiple of batch_size x processes = 6 .*on 3 processes: none"):
+        gradient_accumulation(gpu, 3)  # 128 pairs cannot be split over 3 GPUs
+    with pytest.raises(ConfigError, match=r"batch_size=3 on 8 process\(es\).*= 24 .*on 8 processes: \[1, 2\]"):
+        gradient_accumulation(OmegaConf.merge(gpu, {"batch_size": 3}), 8)
+    cpu = compose([]).trainer  # no global batch: the accumulation as given
+    assert cpu.global_batch_size is None and gradient_accumulation(cpu, 2) == cpu.gradient_accumulation_steps == 1
+
+
+def test_paper_recipe_refused_before_loading_when_the_batch_does_not_divide(tmp_path):
+    # 8 ranks (as torchrun or a SLURM job sets WORLD_SIZE) x micro-batch 3 cannot make 128 pairs: refused
+    # before the (offline, uncached) Llama3-8B is even looked for
+    proc = run_train(
+        ["model=llama3_8b", "trainer.batch_size=3"], tmp_path / "run", env={"WORLD_SIZE": "8"}, check=False
+    )
+    out = proc.stdout + proc.stderr  # Hydra's logging goes to stdout
+    assert proc.returncode == 2, out[-2000:]
+    assert "trainer.global_batch_size=128 is not allowed with trainer.batch_size=3 on 8 process(es)" in out
+    assert "Meta-Llama" not in out and not (tmp_path / "run" / "final").exists()
+
+
+# (model, algo) -> (beta or tau, gamma, lr, length_normalize): conf/recipe/, each with its source in a comment
+RECIPES = {
+    ("mistral7b", "simpo"): (2.0, 1.6, 3e-7, None),  # SimPO training_configs/mistral-7b-base-simpo.yaml
+    ("llama3_8b", "simpo"): (2.0, 1.0, 6e-7, None),  # .../llama-3-8b-base-simpo.yaml (gamma/beta 0.5)
+    ("llama3_8b_instruct", "simpo"): (2.5, 1.375, 1e-6, None),  # .../llama-3-8b-instruct-simpo.yaml (0.55)
+    ("llama3_8b", "dpo"): (0.1, None, 5e-7, None),  # OpenRLHF's DPO example
+    ("mistral7b", "ipo"): (0.1, None, 5e-7, False),  # OpenRLHF sums the log-probs
+    ("tiny", "simpo"): (2.0, 1.0, 2e-3, None),  # no recipe: the algo and trainer defaults
+    ("tiny", "ipo"): (0.1, None, 2e-3, True),
+}
+
+
+@pytest.mark.parametrize("model,algo", sorted(RECIPES), ids=["-".join(k) for k in sorted(RECIPES)])
+def test_per_model_recipes(model, algo):
+    cfg = compose([f"model={model}", f"algo={algo}"])
+    beta, gamma, lr, normalize = RECIPES[model, algo]
+    assert (cfg.algo.get("beta", cfg.algo.get("tau")), cfg.algo.get("gamma"), cfg.trainer.lr) == (beta, gamma, lr)
+    assert cfg.algo.get("length_normalize") == normalize
+    # the command line wins over the recipe, and the paper scale (a sweep's jobs) picks the same recipe
+    assert compose([f"model={model}", f"algo={algo}", "trainer.lr=1e-5"]).trainer.lr == 1e-5
+    if model != "tiny":
+        assert compose(["experiment=table1", "scale=paper", f"model={model}", f"algo={algo}"]).trainer.lr == lr
 
 
 def test_validate_raises_config_error_in_process():

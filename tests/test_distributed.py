@@ -22,7 +22,9 @@ STEPS = [
     "trainer.log_every=3",
     "data.n_train=64",
     "data.n_eval=32",
-    "trainer.gradient_accumulation_steps=2",
+    "trainer.global_batch_size=16",  # the recipe: accumulation is derived from it and the process count
+    "trainer.gradient_accumulation_steps=null",
+    "trainer.batch_size=4",
 ]
 
 
@@ -40,10 +42,10 @@ def final_weights(run_dir: Path) -> dict:
 
 @pytest.mark.distributed
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    # 2 processes x 4 pairs x 2 micro-batches == 1 process x 8 pairs x 2 micro-batches (global batch 16)
+    # One recipe (global batch 16, micro-batch 4) on 2 processes (accumulation 2) and on 1 (accumulation 4)
     one, two = tmp_path / "one", tmp_path / "two"
     env = {"LPC_CACHE_DIR": str(tmp_path / "cache")}
-    run_train(STEPS + ["trainer.batch_size=8"], one, env=env)
+    run_train(STEPS, one, env=env)
     cmd = [
         sys.executable,
         "-m",
@@ -61,7 +63,6 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
         str(free_port()),
         str(SRC / "train.py"),
         *STEPS,
-        "trainer.batch_size=4",
         "distributed=ddp",
         f"hydra.run.dir={two}",
     ]
@@ -76,6 +77,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert proc.returncode == 0, proc.stderr[-4000:]
     m1, m2 = read_metrics(one), read_metrics(two)
     assert (m1["train/num_processes"], m2["train/num_processes"]) == (1, 2)  # two synced ranks, not two runs
+    assert (m1["train/gradient_accumulation_steps"], m2["train/gradient_accumulation_steps"]) == (4, 2)
+    assert m1["train/global_batch_size"] == m2["train/global_batch_size"] == 16
     assert m1["train/steps"] == m2["train/steps"] == 6
     for key in ("eval/loss", "eval/margin", "eval/pref_accuracy"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-5), key

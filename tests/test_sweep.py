@@ -33,6 +33,36 @@ def test_paper_scale_dry_run_lists_every_job_and_the_sbatch_parameters(experimen
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
+def test_paper_scale_jobs_are_8_gpu_zero3_jobs_of_the_paper_batch_that_fit(capsys, tmp_path):
+    from lpc.experiments.sweep import main
+
+    assert main(["experiment=table1", "scale=paper", "--dry-run", "--sweep-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # sbatch: one node, one task per GPU, 8 GPUs (from hardware=a100_80g_x8, which the hub models select)
+    assert "\nnodes: 1\n" in out and "\ntasks_per_node: 8\n" in out and "\ngpus_per_node: 8\n" in out
+    rows = [
+        ln.split() for ln in out.splitlines() if ln.strip().endswith(("seed=0", "seed=1", "seed=2", "seed=3", "seed=4"))
+    ]
+    rows = [r for r in rows if r[0][0].isdigit()]  # the planner's table, not the job list
+    assert len(rows) == 90
+    for peak, budget, gpus, sharding, batch, gpu_hours, verdict, *job in rows:
+        assert (gpus, sharding, batch, verdict) == ("8", "zero3", "128", "fits"), job
+        assert 10 < float(peak) <= float(budget) == 72.0 and float(gpu_hours.replace(",", "")) > 1
+    assert "90/90 jobs fit" in out and "GPU-hours" in out.splitlines()[-1]
+
+
+def test_a_sweep_that_does_not_fit_is_refused_before_anything_is_submitted(capsys, tmp_path):
+    from lpc.experiments.sweep import main
+
+    # DDP replicates the 16 B/param states of an 8B model on every GPU: no 40 GB GPU holds them
+    args = ["experiment=codebook", "scale=paper", "hardware=a100_40g_x8", "distributed=ddp", "--sweep-dir"]
+    assert main([*args, str(tmp_path / "sweep"), "launcher=submitit_local"]) == 2
+    err = capsys.readouterr().err
+    assert "30 of 30 job(s) do not fit a100_40g_x8" in err and "nothing was launched" in err
+    assert "add: distributed=zero3" in err
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_cpu_scale_job_counts(capsys, tmp_path):
     from lpc.experiments.sweep import main
 

@@ -160,12 +160,18 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
         [*SGD, "trainer.batch_size=8", "trainer.gradient_accumulation_steps=2"], tmp_path / "b"
     )
     small, _ = train_in_process([*SGD, "trainer.batch_size=8", "trainer.gradient_accumulation_steps=1"], tmp_path / "c")
+    # the same step set as a global batch: accumulation 2 derived from 16 pairs / (8 x 1 process)
+    derived, _ = train_in_process(
+        [*SGD, "trainer.batch_size=8", "trainer.global_batch_size=16", "trainer.gradient_accumulation_steps=null"],
+        tmp_path / "d",
+    )
 
     def max_diff(p, q):
         return max((p[k] - q[k]).abs().max().item() for k in p)
 
     print("max |big - accumulated| =", max_diff(big, acc), " max |big - small| =", max_diff(big, small))
     assert max_diff(big, acc) < 1e-6
+    assert max_diff(acc, derived) == 0.0
     assert max_diff(big, small) > 1e-3  # the control: a different batch gives visibly different weights
     for r, q in zip([r for r in big_log if "loss" in r], [r for r in acc_log if "loss" in r]):
         assert r["loss"] == pytest.approx(q["loss"], abs=1e-5)

@@ -15,6 +15,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from lpc.errors import ConfigError  # noqa: F401  (re-exported: lpc.config.ConfigError)
+from lpc.training.distributed import gradient_accumulation, process_count
 
 # Keys that do not change what a run computes: a resumed run may differ in these.
 NON_FINGERPRINT_KEYS = (
@@ -71,8 +72,9 @@ def validate(cfg: DictConfig) -> None:
         f"an integer in [1, trainer.max_length={t.max_length})",
         t.max_prompt_length,
     )
-    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
+    for key in ("batch_size", "eval_batch_size", "log_every"):
         _require(isinstance(t[key], int) and t[key] >= 1, f"trainer.{key}", "an integer >= 1", t[key])
+    gradient_accumulation(t, process_count())  # derived from trainer.global_batch_size, if set
     _require(_is_number(t.lr) and t.lr > 0, "trainer.lr", "a number > 0", t.lr)
     _require(t.max_steps > 0 or t.epochs > 0, "trainer.max_steps", "> 0, or trainer.epochs > 0", t.max_steps)
     _require(t.precision in ("no", "bf16", "fp16"), "trainer.precision", "one of no, bf16, fp16", t.precision)

@@ -56,7 +56,7 @@ def require_number(key: str, value, allowed: str, ok=lambda v: True, integer: bo
     require(is_number and ok(value), key, value, allowed)
 
 
-def require(cond: bool, key: str, value, allowed: str) -> None:
-    """``ValueError`` in the project's one format, ``key=value is not allowed: what is``, unless ``cond``."""
+def require(cond: bool, key: str, value, allowed: str, error: type[ValueError] = ValueError) -> None:
+    """``error`` in the project's one format, ``key=value is not allowed: what is``, unless ``cond``."""
     if not cond:
-        raise ValueError(f"{key}={value!r} is not allowed: {allowed}")
+        raise error(f"{key}={value!r} is not allowed: {allowed}")

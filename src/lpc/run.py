@@ -22,7 +22,7 @@ logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-checkpoint 
 def build_datasets(cfg: DictConfig, tokenizer):
     """The ``data`` node's object (a ``lpc.data.PreferenceData``) runs its pipeline: ``(train, eval, stats)``."""
     data = instantiate(cfg.data)
-    return data.build(tokenizer, cfg.trainer.max_length, cfg.trainer.max_prompt_length, seed=cfg.seed)
+    return data.build(tokenizer, cfg.trainer.max_length, cfg.trainer.max_prompt_length)
 
 
 def sweep_group() -> str | None:
@@ -99,17 +99,38 @@ def preference_trainer(cfg, model, ref_model, tokenizer, train_ds, eval_ds, run_
     )
 
 
+def master_weights(cfg: DictConfig) -> dict:
+    """Loader overrides that keep fp32 master weights under mixed precision without sharding.
+
+    accelerate's bf16/fp16 autocast computes in 16 bits but leaves the parameters, their gradients and
+    AdamW's moments in the dtype they were loaded in. A model loaded in 16 bits (the hub models' model.dtype)
+    would then train in pure bf16, where updates of about lr x weight fall below bf16's resolution and are
+    lost. DeepSpeed ZeRO-3 and FSDP keep fp32 master copies themselves; DDP and one process do not."""
+    mixed = cfg.trainer.precision in ("bf16", "fp16")
+    if mixed and cfg.distributed.name in ("none", "ddp") and cfg.model.get("dtype") in ("bfloat16", "float16"):
+        log.info(
+            "model.dtype=%s loaded as float32: fp32 master weights under trainer.precision=%s with distributed=%s",
+            cfg.model.dtype,
+            cfg.trainer.precision,
+            cfg.distributed.name,
+        )
+        return {"dtype": "float32"}
+    return {}
+
+
 def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracker: dict | None = None):
     """Every object ``cfg`` names, wired into a ``PreferenceTrainer``: ``(trainer, tokenizer, data_stats)``.
     The one place a trainer is built from a config (training, the benchmark script and the tests)."""
     from accelerate.utils import set_seed
 
-    from lpc.training.distributed import build_accelerator
+    from lpc.training.distributed import build_accelerator, resolve_gradient_accumulation
 
-    accelerator = accelerator or build_accelerator(cfg.trainer, run_dir)
+    if accelerator is None:
+        resolve_gradient_accumulation(cfg)
+        accelerator = build_accelerator(cfg.trainer, run_dir)
     set_seed(cfg.seed)
     algo = instantiate(cfg.algo)
-    lm, tokenizer = instantiate(cfg.model)
+    lm, tokenizer = instantiate(cfg.model, **master_weights(cfg))
     precompute = algo.needs_reference and cfg.trainer.get("reference_logps", "on_the_fly") == "precompute"
     # The reference is the frozen initial model, never conditioned on z; with precomputed
     # reference log-probs no second model is built at all.
@@ -132,9 +153,10 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
     """Train ``cfg`` into ``run_dir``; ``step_hooks`` join the trainer's (called after every step)."""
     from accelerate.utils import DistributedType, broadcast_object_list
 
-    from lpc.training.distributed import build_accelerator, setup_process_env
+    from lpc.training.distributed import build_accelerator, resolve_gradient_accumulation, setup_process_env
 
     setup_process_env(cfg.distributed)  # one rank of a multi-task SLURM job (no-op otherwise)
+    resolve_gradient_accumulation(cfg)  # from trainer.global_batch_size and the process count, if set
     accelerator = build_accelerator(cfg.trainer, run_dir, log_with="wandb" if cfg.logger.name == "wandb" else None)
     # Every rank writes into rank 0's run directory (Hydra's ${now:...} may differ between ranks).
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)

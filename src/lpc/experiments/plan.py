@@ -50,7 +50,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lpc.errors import PlanError
+from lpc.errors import ConfigError, PlanError
+from lpc.training.distributed import gradient_accumulation
 
 GiB = 2**30
 DEFAULT_PAIRS = 61_135  # HuggingFaceH4/ultrafeedback_binarized, split train_prefs
@@ -245,6 +246,7 @@ class Plan:
     peak_tflops: float
     gpu_hours: float
     wall_hours: float
+    bytes_per_param: list[int] = field(default_factory=list)  # weights, gradients, optimizer states
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestion: str | None = None  # the overrides to add so that it fits (None: fits, or nothing found)
@@ -305,7 +307,8 @@ class _Setup:
     seq_len: int
     batch_pairs: int
     eval_batch_pairs: int
-    grad_accum: int
+    accumulation: int | None  # trainer.gradient_accumulation_steps (None: derived from the global batch)
+    global_batch_size: int | None  # trainer.global_batch_size
     max_steps: int
     epochs: int
     gradient_checkpointing: bool
@@ -322,6 +325,16 @@ class _Setup:
     @property
     def world(self) -> int:
         return 1 if self.distributed == "none" else self.gpus_per_node * self.nodes
+
+    @property
+    def grad_accum(self) -> int:
+        """As the trainer derives it (lpc.training.distributed.gradient_accumulation) on this world size."""
+        trainer = {"batch_size": self.batch_pairs, "gradient_accumulation_steps": self.accumulation}
+        trainer["global_batch_size"] = self.global_batch_size
+        try:
+            return gradient_accumulation(OmegaConf.create(trainer), self.world)
+        except ConfigError as err:
+            raise PlanError(str(err)) from None
 
 
 def _number(value, key: str, low: float = 0.0) -> float:
@@ -397,7 +410,8 @@ def _setup(
         seq_len=_int(trainer.max_length, "trainer.max_length"),
         batch_pairs=_int(trainer.batch_size, "trainer.batch_size"),
         eval_batch_pairs=_int(trainer.get("eval_batch_size", trainer.batch_size), "trainer.eval_batch_size"),
-        grad_accum=_int(trainer.get("gradient_accumulation_steps", 1), "trainer.gradient_accumulation_steps"),
+        accumulation=trainer.get("gradient_accumulation_steps", 1),
+        global_batch_size=trainer.get("global_batch_size"),
         max_steps=int(trainer.get("max_steps", -1)),
         epochs=int(trainer.get("epochs", 1)),
         gradient_checkpointing=bool(trainer.get("gradient_checkpointing", False)),
@@ -419,8 +433,10 @@ def _memory(s: _Setup) -> dict:
     mixed = s.precision in ("bf16", "fp16")
     dtype_bytes = DTYPE_BYTES[s.dtype]
     # bytes per trainable parameter: weights, gradients, optimizer states
-    if mixed:
+    if mixed and s.distributed in SHARDED:
         w, g, o = 2, 2, 12  # 16-bit copies; fp32 master + m + v (ZeRO, K=12)
+    elif mixed:  # autocast over fp32 weights (lpc.run.master_weights loads 16-bit models in fp32)
+        w, g, o = 4, 4, 8
     else:
         w, g, o = dtype_bytes, dtype_bytes, 2 * dtype_bytes  # plain AdamW in the weights' dtype
     compute_bytes = 2 if mixed else dtype_bytes
@@ -429,7 +445,8 @@ def _memory(s: _Setup) -> dict:
     m = {"weights": w * per_gpu, "gradients": g * per_gpu, "optimizer": o * per_gpu, "host_offload_per_node": 0.0}
     if s.offload_optimizer:  # fp32 states + fp32 grads of every GPU of a node, in its host RAM
         m.update(optimizer=0.0, host_offload_per_node=(o + 4) * per_gpu * min(s.gpus_per_node, world))
-    m["reference_weights"] = dtype_bytes * n if s.reference_on_the_fly else 0.0  # replicated, never sharded
+    ref_bytes = w if mixed and s.distributed not in SHARDED else dtype_bytes  # a copy of the loaded policy
+    m["reference_weights"] = ref_bytes * n if s.reference_on_the_fly else 0.0  # replicated, never sharded
     m["gathered"] = 0.0
     if s.distributed in SHARDED:  # the embedding/head unit and the current + prefetched decoder layer
         units = (2 - a.tie_word_embeddings) * a.embedding_parameters + 2 * a.layer_parameters
@@ -451,7 +468,7 @@ def _memory(s: _Setup) -> dict:
     m["peak"] = max(m["train_peak"], m["eval_peak"])
     m["budget"] = s.gpu_memory_gb * GiB * (1 - s.headroom)
     m["fits"] = m["peak"] <= m["budget"]
-    m["_bytes_per_param"] = w + g + o  # for the notes only
+    m["_bytes_per_param"] = w, g, o  # for the text only
     return m
 
 
@@ -494,12 +511,10 @@ def _notes(s: _Setup, memory: dict) -> list[str]:
             "the on-the-fly reference model is replicated, not sharded, on every GPU "
             "(trainer.reference_logps=precompute removes it)"
         )
-    if DTYPE_BYTES[s.dtype] == 2 and s.distributed in ("none", "ddp"):
+    if DTYPE_BYTES[s.dtype] == 2 and s.distributed in ("none", "ddp") and s.precision in ("bf16", "fp16"):
         notes.append(
-            f"model.dtype={s.dtype} with distributed={s.distributed}: the loader keeps 16-bit weights and "
-            "torch AdamW 16-bit moments, so the run would hold 8 B/param, not the "
-            f"{memory['_bytes_per_param']} counted here, and its updates (about lr) mostly fall below bf16 resolution; "
-            "fsdp upcasts to fp32, zero3 keeps fp32 master weights"
+            f"model.dtype={s.dtype} with distributed={s.distributed}: the trainer loads the weights in float32 "
+            "(fp32 master weights for mixed precision, lpc.run.master_weights), as counted here"
         )
     if s.offload_optimizer:
         notes.append(
@@ -522,7 +537,7 @@ def _estimate(s: _Setup) -> Plan:
         raise PlanError(f"--headroom {s.headroom} is not allowed: a fraction in [0, 1)")
     memory, compute = _memory(s), _compute(s)
     notes = _notes(s, memory)
-    del memory["_bytes_per_param"]
+    bytes_per_param = memory.pop("_bytes_per_param")
     reference = "on_the_fly" if s.reference_on_the_fly else ("precompute" if s.needs_reference else "none")
     return Plan(
         **{k: getattr(s, k) for k in _COPIED},
@@ -532,6 +547,7 @@ def _estimate(s: _Setup) -> Plan:
         reference=reference,
         **memory,
         **compute,
+        bytes_per_param=list(bytes_per_param),
         overrides=list(s.overrides),
         notes=notes,
     )
@@ -638,8 +654,7 @@ def _hours(x: float) -> str:
 
 def format_plan(p: Plan) -> str:
     shard = f" / {p.world} GPUs" if p.distributed in SHARDED else ""
-    mixed = p.precision in ("bf16", "fp16")
-    bw = "2+2+12" if mixed else {4: "4+4+8", 2: "2+2+4"}[DTYPE_BYTES[p.model_dtype]]
+    bw, bg, bo = p.bytes_per_param
     lat = f" + latent {p.n_latent_params:,}" if p.n_latent_params else ""
     ref = {
         "on_the_fly": f"on the fly ({p.model_dtype}, replicated)",
@@ -655,13 +670,13 @@ def format_plan(p: Plan) -> str:
         f"  micro-batch {p.batch_pairs} pairs = {2 * p.batch_pairs} sequences x {p.seq_len} tokens; "
         f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
         "Memory per GPU (estimate):",
-        f"  weights                      {_g(p.weights)}   {bw.split('+')[0]} B/param{shard}",
-        f"  gradients                    {_g(p.gradients)}   {bw.split('+')[1]} B/param{shard}",
+        f"  weights                      {_g(p.weights)}   {bw} B/param{shard}",
+        f"  gradients                    {_g(p.gradients)}   {bg} B/param{shard}",
         f"  optimizer states (AdamW)     {_g(p.optimizer)}   "
         + (
             "offloaded to CPU"
             if p.offload_optimizer
-            else f"{bw.split('+')[2]} B/param{' (fp32 master + 2 moments)' if mixed else ' (2 moments)'}{shard}"
+            else f"{bo} B/param{' (fp32 master + 2 moments)' if bo == 12 else ' (2 moments)'}{shard}"
         ),
         f"  reference model              {_g(p.reference_weights)}   {ref}",
     ]
@@ -710,12 +725,13 @@ def format_plan(p: Plan) -> str:
 
 
 def format_sweep(plans: list[Plan]) -> str:
-    lines = [f"Sweep: {len(plans)} jobs", f"  {'peak GiB':>8} {'budget':>7} {'GPUs':>4} {'GPU-h':>9}  verdict   job"]
+    head = f"  {'peak GiB':>8} {'budget':>7} {'GPUs':>4} {'sharding':>8} {'batch':>5} {'GPU-h':>9}  verdict   job"
+    lines = [f"Sweep: {len(plans)} jobs (per GPU: peak memory and budget in GiB; batch: pairs per step)", head]
     for p in plans:
         verdict = "fits" if p.fits else "NO FIT"
         lines.append(
-            f"  {p.peak / GiB:8.1f} {p.budget / GiB:7.1f} {p.world:4d} {_hours(p.gpu_hours):>9}  "
-            f"{verdict:8}  {' '.join(p.overrides)}"
+            f"  {p.peak / GiB:8.1f} {p.budget / GiB:7.1f} {p.world:4d} {p.distributed:>8} {p.global_batch:5d} "
+            f"{_hours(p.gpu_hours):>9}  {verdict:8}  {' '.join(p.overrides)}"
         )
         if not p.fits:
             lines.append(f"  {'':40}  add: {p.suggestion or '(nothing found)'}")

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lpc.conf import CONF_DIR
 from lpc.files import atomic_write_json
@@ -133,6 +133,8 @@ def plan(opts: dict, extra: list[str]) -> dict:
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
     grid, fixed = sweep["grid"], list(sweep.get("overrides") or [])
     sweep_dir = Path(opts["sweep_dir"] or Path("outputs") / "sweeps" / f"{cfg.sweep.name}-{opts['scale']}").resolve()
+    with open_dict(cfg):  # what the multirun commands pass (so the launcher shows its real submitit folder)
+        cfg.hydra.sweep.dir = str(sweep_dir)
     jobs = []
     for values in expand_grid(grid):
         run_dir = sweep_dir / job_dirname(values)
@@ -152,9 +154,24 @@ def plan(opts: dict, extra: list[str]) -> dict:
         "fixed": fixed,
         "extra": extra,
         "exclude_keys": exclude,
+        "task_extra": task_extra,
         "jobs": jobs,
         "cfg": cfg,
     }
+
+
+def plan_jobs(p: dict) -> list:
+    """lpc-plan's estimate of every job still to run, on the hardware its config names."""
+    from lpc.experiments.plan import plan as plan_one
+
+    base = [f"experiment={p['experiment']}", f"scale={p['scale']}", *p["fixed"], *p["task_extra"]]
+    plans = []
+    for j in p["jobs"]:
+        if j["status"] == "completed":
+            continue
+        point = [f"{k}={v}" for k, v in j["overrides"].items()]
+        plans.append(plan_one(compose(base + point), overrides=point))
+    return plans
 
 
 def multirun_commands(p: dict) -> list[list[str]]:
@@ -180,6 +197,14 @@ def multirun_commands(p: dict) -> list[list[str]]:
     return cmds
 
 
+def resolved(node):
+    """A config node with its interpolations resolved where they can be (hardware.slurm.*), as sbatch sees it."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    except Exception:  # noqa: BLE001 - e.g. ${hydra.sweep.dir}'s ${now:} outside a run: show it unresolved
+        return node
+
+
 def write_manifest(p: dict) -> None:
     manifest = {k: p[k] for k in ("experiment", "scale", "launcher", "grid", "fixed", "extra")}
     manifest["grid_keys"] = list(p["grid"])  # the JSON is written with sorted keys; this keeps the grid's order
@@ -197,16 +222,36 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['missing']} missing"
     )
     cmds = multirun_commands(p)
+    from lpc.errors import PlanError
+    from lpc.experiments.plan import format_sweep
+
+    try:
+        plans = plan_jobs(p)
+    except PlanError as err:
+        print(f"lpc-sweep: a job cannot be planned: {err}", file=sys.stderr)
+        return 2
+    misfits = [q for q in plans if not q.fits]
     if opts["dry_run"]:
         print(f"\n# {p['hydra_launcher']}: composed hydra.launcher (sbatch parameters for slurm)")
-        print(OmegaConf.to_yaml(p["cfg"].hydra.launcher), end="")
+        print(OmegaConf.to_yaml(resolved(p["cfg"].hydra.launcher)), end="")
         print(f"\n# jobs ({len(p['jobs'])}): status  run dir")
         for j in p["jobs"]:
             print(f"{j['status']:9s}  {j['dir']}")
         print(f"\n# {len(cmds)} multirun command(s) it would run:")
         for c in cmds:
             print(" ".join(c[1:]))
-        return 0
+        if plans:
+            print(f"\n# lpc-plan, per GPU and per run, for the {len(plans)} job(s) still to run (docs/planning.md)")
+            print(format_sweep(plans))
+        return 2 if misfits else 0
+    if misfits:  # refused before anything is submitted
+        print(format_sweep(misfits), file=sys.stderr)
+        print(
+            f"lpc-sweep: {len(misfits)} of {len(plans)} job(s) do not fit {misfits[0].hardware} "
+            "(lpc-plan's estimate above, with the change that would fit); nothing was launched",
+            file=sys.stderr,
+        )
+        return 2
     Path(p["sweep_dir"]).mkdir(parents=True, exist_ok=True)
     write_manifest(p)
     failed_calls = 0

@@ -19,6 +19,10 @@ import logging
 import os
 from pathlib import Path
 
+from omegaconf import open_dict
+
+from lpc.errors import ConfigError, require
+
 log = logging.getLogger(__name__)
 # The accelerate config files ship inside the package (an installed package finds them too).
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
@@ -120,6 +124,65 @@ def setup_process_env(distributed_cfg) -> None:
             machine_rank=dist_env.rank // dist_env.local_world_size,
         )
         os.environ.update(env)
+
+
+def process_count() -> int:
+    """Processes this run will have, known before any of them joins a process group: torchrun's and
+    ``accelerate launch``'s WORLD_SIZE, or the tasks of a multi-task SLURM job; 1 otherwise."""
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    world = submitit_world()
+    return world[0] if world else 1
+
+
+def gradient_accumulation(trainer_cfg, world: int) -> int:
+    """The gradient accumulation steps of ``trainer_cfg`` on ``world`` processes. With
+    ``trainer.global_batch_size`` set it is derived: global = batch_size x accumulation x processes, so the
+    same recipe trains the same steps (and lr and g schedules) on 8 GPUs or on 4."""
+    t = trainer_cfg
+    acc, global_batch = t.get("gradient_accumulation_steps"), t.get("global_batch_size")
+    if global_batch is None:
+        require(
+            isinstance(acc, int) and not isinstance(acc, bool) and acc >= 1,
+            "trainer.gradient_accumulation_steps",
+            acc,
+            "an integer >= 1 (or null with trainer.global_batch_size set)",
+            ConfigError,
+        )
+        return acc
+    require(
+        isinstance(global_batch, int) and not isinstance(global_batch, bool) and global_batch >= 1,
+        "trainer.global_batch_size",
+        global_batch,
+        "an integer >= 1 (pairs per optimizer step), or null",
+        ConfigError,
+    )
+    per_step = t.batch_size * world
+    if global_batch % per_step:
+        fits = [b for b in range(1, t.batch_size + 1) if global_batch % (b * world) == 0]
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch} is not allowed with trainer.batch_size={t.batch_size} "
+            f"on {world} process(es): it must be a multiple of batch_size x processes = {per_step} "
+            f"(batch sizes that divide it on {world} processes: {fits or 'none'}; or change the process count)"
+        )
+    derived = global_batch // per_step
+    require(
+        acc is None or acc == derived,
+        "trainer.gradient_accumulation_steps",
+        acc,
+        f"null (derived from trainer.global_batch_size={global_batch}: {derived} on {world} process(es)), "
+        "or set trainer.global_batch_size=null",
+        ConfigError,
+    )
+    return derived
+
+
+def resolve_gradient_accumulation(cfg, world: int | None = None) -> int:
+    """Write the derived accumulation into ``cfg.trainer`` (what the Accelerator and the trainer read)."""
+    derived = gradient_accumulation(cfg.trainer, process_count() if world is None else world)
+    with open_dict(cfg.trainer):
+        cfg.trainer.gradient_accumulation_steps = derived
+    return derived
 
 
 def build_accelerator(trainer_cfg, run_dir, log_with: str | None = None):

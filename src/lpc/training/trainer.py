@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lpc.data import PairCollator
+from lpc.errors import ConfigError
 from lpc.files import apply_umask, atomic_write_json
 from lpc.losses import lpc_objective
 from lpc.policy import PreferenceModel, hidden_states, response_logps
@@ -71,6 +72,12 @@ class PreferenceTrainer:
         c = trainer_cfg
         self.world = acc.num_processes
         self.global_batch = c.batch_size * c.gradient_accumulation_steps * self.world
+        if c.get("global_batch_size") is not None and self.global_batch != c.global_batch_size:
+            # the accumulation was derived for another process count than the one that joined
+            raise ConfigError(
+                f"trainer.global_batch_size={c.global_batch_size} but batch_size {c.batch_size} x accumulation "
+                f"{c.gradient_accumulation_steps} x {self.world} processes = {self.global_batch}"
+            )
         self.steps_per_epoch = len(train_dataset) // self.global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -371,6 +378,16 @@ class PreferenceTrainer:
                 init_kwargs={"wandb": self.tracker["init_kwargs"]},
             )
         start_time, start_step = time.time(), self.step
+        if acc.is_main_process:
+            log.info(
+                "global batch %d pairs = batch_size %d x accumulation %d x %d process(es); %d steps, %d per epoch",
+                self.global_batch,
+                c.batch_size,
+                c.gradient_accumulation_steps,
+                self.world,
+                self.total_steps,
+                self.steps_per_epoch,
+            )
         # A live bar on a terminal; in a log file (SLURM, CI) one line per log step instead.
         interactive = acc.is_main_process and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, desc="train")
@@ -430,6 +447,8 @@ class PreferenceTrainer:
                 "train/steps_this_session": self.step - start_step,
                 "train/resumed": resumed,
                 "train/num_processes": self.world,
+                "train/global_batch_size": self.global_batch,
+                "train/gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
                 "train/skipped_nonfinite_steps": self.skipped_steps,
                 "train/wall_time_s": time.time() - start_time,
             }
