@@ -271,3 +271,25 @@ def test_pair_collator_by_hand():
     assert b["seq_last"].tolist() == [4, 5, 5, 2]
     assert b["type"].tolist() == [0, 1]
     assert b["input_ids"].dtype == torch.long
+
+
+def test_data_seed_fixes_split_pairs_and_flips_across_training_seeds(tokenizer):
+    # the paper-scale data (raw UltraFeedback schema) with label flips: training seeds 0 and 3 see the same
+    # train/eval split, the same y_l and the same flipped pairs; only data.seed changes them
+    def pairs(*overrides):
+        cfg = compose(["data=ultrafeedback", f"data.path={UF}", "data.eval_size=2", "flip=0.5", *overrides])
+        train, ev, _ = build_datasets(cfg, tokenizer)
+        return sorted(zip(train["prompt"], train["chosen"], train["rejected"])), sorted(ev["prompt"])
+
+    assert pairs("seed=0") == pairs("seed=3")
+    assert any(pairs("seed=0") != pairs("seed=0", f"data.seed={s}") for s in range(1, 6))
+    flipped = [p for p, *_ in pairs("seed=0")[0] if p.endswith("[FLIP]")]
+    assert len(flipped) == 2  # round(0.5 x 5 training pairs) = 2 (the 7 usable pairs less 2 for eval)
+
+
+def test_instruct_models_train_in_their_chat_template():
+    assert compose(["model=llama3_8b_instruct", "data=ultrafeedback"]).data.chat_template is True
+    assert compose(["model=llama3_8b", "data=ultrafeedback"]).data.chat_template is False
+    assert compose(["model=mistral7b", "data=jsonl", "data.train_file=x"]).data.chat_template is False
+    assert compose(["model=smollm2", "data=ultrafeedback_binarized"]).data.chat_template is True
+    assert compose(["model=smollm2"]).data.chat_template is False  # the synthetic data's plain prompts

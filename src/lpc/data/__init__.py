@@ -129,8 +129,11 @@ class PreferenceData:
 
     ``flip``: fraction of training pairs whose labels are swapped (label-noise experiments);
     ``flip_marker``: appended to a flipped prompt (None: no marker); ``on_bad_row``: skip | error;
-    ``chat_template``: wrap prompts in the tokenizer's chat template."""
+    ``chat_template``: wrap prompts in the tokenizer's chat template; ``seed``: the data's own seed (the
+    train/eval split, the choice of y_l, the flipped pairs), separate from the training seed so that
+    seed-to-seed spread can be training variance alone."""
 
+    seed: int = 0
     flip: float = 0.0
     flip_marker: str | None = "[FLIP]"
     on_bad_row: str = "skip"
@@ -151,7 +154,7 @@ class PreferenceData:
     def __call__(self) -> datasets.DatasetDict:
         raise NotImplementedError
 
-    def build(self, tokenizer, max_length: int, max_prompt_length: int, seed: int):
+    def build(self, tokenizer, max_length: int, max_prompt_length: int):
         """Raw pairs -> bad-row check -> label flips (train only) -> token ids: ``(train, eval, stats)``."""
         raw = self()
         stats, out = {}, {}
@@ -159,7 +162,7 @@ class PreferenceData:
             ds, s = check_rows(raw[split], split, self.on_bad_row)
             stats.update(s)
             if split == "train" and self.flip > 0:
-                ds = flip_labels(ds, self.flip, seed=seed, marker=self.flip_marker)
+                ds = flip_labels(ds, self.flip, seed=self.seed, marker=self.flip_marker)
             ds, s = tokenize_pairs(
                 ds,
                 tokenizer,

@@ -119,7 +119,6 @@ class UltraFeedback(PreferenceData):
     rejected: str = "random"
     eval_size: float | int = 0.02
     max_rows: int | None = None
-    seed: int = 0
     name: str = "ultrafeedback"
     # rating="mixed": each prompt's pair is built under ONE of these ratings, chosen with equal
     # probability (the rebuttal's mixed-preference data); the row's `rating` column records which.
@@ -198,7 +197,6 @@ class JsonlPreferences(PreferenceData):
     train_file: str = ""
     eval_file: str | None = None
     eval_size: float | int = 0.05
-    seed: int = 0
     name: str = "jsonl"
 
     def __call__(self) -> datasets.DatasetDict:

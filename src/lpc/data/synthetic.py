@@ -143,7 +143,6 @@ class SyntheticPreferences(PreferenceData):
     min_margin: float = 0.05
     min_words: int = 6
     max_words: int = 12
-    seed: int = 0
     name: str = "synthetic"
     sources: list[str] = field(default_factory=list)
 
