@@ -194,3 +194,83 @@ def test_plan_reports_gib():
     assert p.gib("budget") == pytest.approx(80 * 0.9)
     assert p.budget == 80 * GiB * 0.9
     assert isinstance(Arch(4, 1, 2, 1, 8, 10).num_parameters, int)
+
+
+# --------------------------------------------------------------------------- estimate vs measurement
+class PeakTensorBytes:
+    """The peak of live CPU tensor bytes while the block runs (what torch.cuda.max_memory_allocated gives on a
+    GPU): every op's output storage counted once until it is freed, on top of the storages already alive."""
+
+    def __init__(self, alive: dict[int, int]):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live, self.now = dict(alive), sum(alive.values())
+        self.peak = self.now
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.count(out)
+                return out
+
+        self.mode = Mode()
+
+    def count(self, out):
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()  # views share their base's storage: counted once
+                if key not in self.live and storage.nbytes():
+                    self.live[key] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self.free, key)
+        self.peak = max(self.peak, self.now)
+
+    def free(self, key):
+        self.now -= self.live.pop(key)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_peak_memory_estimate_within_25_percent_of_the_measured_peak(model, tmp_path):
+    import torch
+
+    from lpc.run import build_trainer
+
+    overrides = [f"model={model}", "latent=discrete", "codebook=8", "trainer.batch_size=4", "trainer.eval_batch_size=8"]
+    overrides += ["data.n_train=64", "data.n_eval=16", "trainer.reference_logps=on_the_fly", "trainer.precision=no"]
+    trainer, _, _ = build_trainer(compose(overrides), tmp_path)
+    trainer.train_step()  # AdamW's moments exist from the first step on
+    # The planner counts every sequence at trainer.max_length; plan at the data's real longest sequence
+    longest = max(len(ids) for c in ("chosen_input_ids", "rejected_input_ids") for ids in trainer.train_dataset[c])
+    estimate = plan(compose([*overrides, f"trainer.max_length={longest}"]), load_hardware("cpu"))
+
+    persistent = [*trainer.model.parameters(), *trainer.ref_model.parameters()]
+    persistent += [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in persistent}
+    with PeakTensorBytes(alive) as train:
+        trainer.train_step()
+    with PeakTensorBytes(alive) as evaluation:
+        trainer.evaluate()
+    measured = max(train.peak, evaluation.peak)
+    print(
+        f"{model}: estimate {estimate.peak / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB "
+        f"(train {train.peak / 2**20:.1f}, eval {evaluation.peak / 2**20:.1f}; planned {estimate.train_peak / 2**20:.1f}, "
+        f"{estimate.eval_peak / 2**20:.1f})"
+    )
+    assert estimate.peak == pytest.approx(measured, rel=0.25)
+    # the persistent part is exact: weights + AdamW's two moments + the reference, all fp32
+    states = estimate.weights + estimate.optimizer + estimate.reference_weights
+    assert sum(alive.values()) == pytest.approx(states, rel=0.01)

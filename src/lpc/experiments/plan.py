@@ -464,7 +464,9 @@ def _memory(s: _Setup) -> dict:
     static = sum(m[k] for k in ("weights", "gradients", "optimizer", "reference_weights", "gathered"))
     act = m["activations_checkpointing" if s.gradient_checkpointing else "activations_no_checkpointing"]
     m["train_peak"] = static + act + m["logits"]
-    m["eval_peak"] = static + m["eval_logits"]
+    # the trainer frees the gradients after each step (zero_grad(set_to_none=True)); DeepSpeed's ZeRO-3
+    # keeps its gradient partitions allocated
+    m["eval_peak"] = static - (0 if s.distributed == "zero3" else m["gradients"]) + m["eval_logits"]
     m["peak"] = max(m["train_peak"], m["eval_peak"])
     m["budget"] = s.gpu_memory_gb * GiB * (1 - s.headroom)
     m["fits"] = m["peak"] <= m["budget"]
@@ -690,7 +692,7 @@ def format_plan(p: Plan) -> str:
         f"  activations, none            {_g(p.activations_no_checkpointing)}   {off}",
         f"  logits (fp32 + temporary)    {_g(p.logits)}   8 B x {2 * p.batch_pairs} x {p.seq_len} x vocabulary",
         f"  = training peak              {_g(p.train_peak)}",
-        f"  evaluation peak              {_g(p.eval_peak)}   states + logits of {2 * p.eval_batch_pairs} sequences (no gradient)",
+        f"  evaluation peak              {_g(p.eval_peak)}   states{' - gradients' if p.distributed != 'zero3' else ''} + logits of {2 * p.eval_batch_pairs} sequences",
         f"  budget                       {_g(p.budget)}   {p.gpu_memory_gb:g} GiB less {p.headroom:.0%} headroom",
         "Compute per run (upper bound: every sequence padded to max_length):",
         f"  {p.pairs:,} pairs ({p.pairs_source}) -> {p.steps:,} steps x {p.global_batch} pairs = {p.pairs_seen:,} pairs seen, "
