@@ -189,16 +189,30 @@ def build_accelerator(trainer_cfg, run_dir, log_with: str | None = None):
     """The run's Accelerator. ``trainer.precision`` wins over the config file's mixed_precision;
     gradient accumulation goes through accelerate (DeepSpeed scales and steps it itself)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() == "cpu":
+            # Why: without GPUs accelerate chooses no process-group backend for DeepSpeed and then counts 1
+            # process while DeepSpeed joined all of them (a wrong train_batch_size; every rank training as if
+            # alone). DeepSpeed's CPU accelerator names its backend (gloo, or ccl with oneCCL): pass it on.
+            handlers.append(InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name()))
     acc = Accelerator(
         mixed_precision=trainer_cfg.precision,
         log_with=log_with,
         project_dir=str(run_dir),
         gradient_accumulation_steps=trainer_cfg.gradient_accumulation_steps,
+        kwargs_handlers=handlers,
     )
     if acc.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = acc.state.deepspeed_plugin.deepspeed_config
         # We prepare no DataLoader (the trainer slices batches itself), so DeepSpeed's "auto"
         # micro-batch size cannot be inferred: it is trainer.batch_size.
-        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = trainer_cfg.batch_size
+        ds_config["train_micro_batch_size_per_gpu"] = trainer_cfg.batch_size
+        # DeepSpeed clips inside its engine step and ignores the trainer's clip_grad_norm_ argument; accelerate
+        # fills its "auto" with 1.0. trainer.max_grad_norm is the one setting, as under DDP/FSDP.
+        ds_config["gradient_clipping"] = float(trainer_cfg.max_grad_norm)
     return acc

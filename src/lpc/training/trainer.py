@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -96,6 +96,15 @@ class PreferenceTrainer:
         self.scheduler = get_scheduler(
             c.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
+        if acc.distributed_type == DistributedType.DEEPSPEED and model.latent is not None:
+            # Why: ZeRO-3 gathers a module's own parameters for its forward and regathers them for its backward
+            # only through the tensors it returns; the latent returns a LatentOutput, so its codebook (z = probs @
+            # codebook) would be released before backward needs it ("mat2 must be a matrix"). As external
+            # parameters of the PreferenceModel (whose output is a NamedTuple) they stay gathered for both passes.
+            import deepspeed
+
+            for p in model.latent.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(model, p)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         self.ref_model = None
@@ -336,6 +345,9 @@ class PreferenceTrainer:
             for k, v in metrics.items():
                 metrics_per_micro.setdefault(k, []).append(v)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        # DeepSpeed has already clipped and stepped inside the last backward (so trainer.on_nonfinite=skip_step
+        # cannot drop its update) and returns the norm as a float
+        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32)
         losses = torch.stack(metrics_per_micro["loss"])
         # A NaN/inf loss makes NaN gradients, which the all-reduce spreads to every rank: the grad norm
         # is the same on all of them, so every rank takes the same decision.
