@@ -122,7 +122,9 @@ def plan(opts: dict, extra: list[str]) -> dict:
     """Compose the experiment and list its jobs with their run directories and status."""
     launcher = opts["launcher"]
     base = [f"experiment={opts['experiment']}", f"scale={opts['scale']}"]
-    cfg = compose(base + extra)
+    # Why: this first compose only reads scale.launcher, without a hydra/launcher choice; the launcher's keys
+    # (hydra.launcher.partition=gpu, as make reproduce-* ARGS=... documents) exist only in the second one.
+    cfg = compose(base + [o for o in extra if not o.lstrip("+~").startswith("hydra.launcher.")])
     if "sweep" not in cfg:
         sys.exit(f"lpc.experiments.sweep: experiment={opts['experiment']} has no `sweep` node (not a paper experiment)")
     launcher = launcher or cfg.scale.launcher
