@@ -470,5 +470,8 @@ class PreferenceTrainer:
         self.save_checkpoint()
         preemption.release()  # signalled during the final evaluation: requeue now, the rerun resumes here
         if self.tracker:
-            acc.end_training()
+            # the trackers only: accelerator.end_training() also destroys the process group, which the sharded
+            # export after this (accelerator.get_state_dict under FSDP/ZeRO-3, lpc.run) still needs
+            for tracker in acc.trackers:
+                tracker.finish()
         return final
