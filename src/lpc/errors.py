@@ -14,6 +14,18 @@ class DataError(ValueError):
     """Bad data: a missing file or column, or bad rows under ``on_bad_row=error``."""
 
 
+class Interrupted(RuntimeError):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class RunDirInUse(RuntimeError):
+    """Another process is training in the same run directory."""
+
+
 class ModelUnavailable(RuntimeError):
     """The requested model cannot be loaded here (not cached and offline, or a package missing)."""
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lpc.config import fingerprint
 from lpc.files import atomic_write_json
 from lpc.policy import PreferenceModel
+from lpc.training import rundir
 from lpc.training.checkpoint import export_checkpoint
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,67 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracke
     return trainer, tokenizer, data_stats
 
 
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on the run directory while this process trains in it. The kernel drops a
+    flock when its process dies (kill -9 included), so a stale lock never needs cleaning up."""
+    import fcntl
+    import os
+    import socket
+
+    from lpc.errors import RunDirInUse
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / rundir.LOCK, "a+")  # noqa: SIM115 - held open for the life of the run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirInUse(f"{run_dir} is in use by {holder}: one training per run directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
+    """A run directory whose checkpoint belongs to another configuration is refused before any model loads
+    (and before its record in .hydra/ is touched)."""
+    from lpc.errors import ConfigError
+
+    theirs = rundir.checkpoint_fingerprint(run_dir) if cfg.trainer.get("resume", True) else None
+    if theirs is not None and theirs != fingerprint(cfg):
+        raise ConfigError(
+            f"{run_dir} holds a run of a different configuration (its checkpoint's fingerprint differs); "
+            "use a new run directory (hydra.run.dir=...) or trainer.resume=false to start over"
+        )
+
+
+def record_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Write Hydra's record of the run (.hydra/config.yaml, hydra.yaml, overrides.yaml) once the run is
+    accepted: Hydra's own writing is off (hydra.output_subdir=null) because it happens before a refused
+    rerun is refused, and would file a finished run's results under the refused config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lpc.files import atomic_write_text
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    record = run_dir / ".hydra"
+    task = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(task))
+    atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
+
+
 def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
     """Train ``cfg`` into ``run_dir``; ``step_hooks`` join the trainer's (called after every step)."""
-    from accelerate.utils import DistributedType, broadcast_object_list
+    from accelerate.utils import broadcast_object_list
 
+    from lpc.errors import ConfigError, RunDirInUse
     from lpc.training.distributed import build_accelerator, resolve_gradient_accumulation, setup_process_env
 
     setup_process_env(cfg.distributed)  # one rank of a multi-task SLURM job (no-op otherwise)
@@ -160,6 +218,30 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
     accelerator = build_accelerator(cfg.trainer, run_dir, log_with="wandb" if cfg.logger.name == "wandb" else None)
     # Every rank writes into rank 0's run directory (Hydra's ${now:...} may differ between ranks).
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_run_dir(run_dir)  # before anything is written or loaded
+            refuse_other_config(cfg, run_dir)
+            record_config(cfg, run_dir)
+        except (RunDirInUse, ConfigError) as err:
+            if lock is not None:
+                lock.close()
+            refusal = err
+    if accelerator.num_processes > 1:  # every rank stops, not only rank 0
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise refusal
+    try:
+        return _train(cfg, run_dir, accelerator, step_hooks)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks) -> dict:
+    from accelerate.utils import DistributedType
+
     with accelerator.main_process_first():  # rank 0 creates the W&B run id file, the others read it
         tracker = wandb_tracker(cfg, run_dir)
     trainer, tokenizer, data_stats = build_trainer(cfg, run_dir, accelerator, tracker)

@@ -20,6 +20,17 @@ def main() -> None:
     train()
 
 
+def refuse(err: Exception, message: str) -> None:
+    """A refused job: exit 2 for a single run. In a multirun the job fails and Hydra goes on with the
+    others (an exception, not SystemExit), then reports the failure and exits non-zero at the end."""
+    from hydra.types import RunMode
+
+    log.error(message)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise err
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")  # lpc/conf/
 def train(cfg: DictConfig) -> float:
     from lpc.config import ConfigError, validate
@@ -27,12 +38,20 @@ def train(cfg: DictConfig) -> float:
     try:
         validate(cfg)  # before any model or data is loaded
     except ConfigError as err:
-        log.error("config error: %s", err)
-        sys.exit(2)
+        refuse(err, f"config error: {err}")
 
+    from lpc.errors import Interrupted, RunDirInUse
     from lpc.run import run
 
-    metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as err:  # found in the run directory (another config's checkpoint)
+        refuse(err, f"config error: {err}")
+    except RunDirInUse as err:
+        refuse(err, str(err))
+    except Interrupted as err:
+        log.warning("%s", err)
+        sys.exit(128 + err.signum)
     print(f"eval/pref_accuracy={metrics['eval/pref_accuracy']:.4f}")
     return metrics["eval/pref_accuracy"]  # the value Hydra sweepers optimise
 

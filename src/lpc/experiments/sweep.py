@@ -162,18 +162,24 @@ def plan(opts: dict, extra: list[str]) -> dict:
     }
 
 
-def plan_jobs(p: dict) -> list:
-    """lpc-plan's estimate of every job still to run, on the hardware its config names."""
+def plan_jobs(p: dict) -> tuple[list, list[str]]:
+    """lpc-plan's estimate of every job still to run, on the hardware its config names, and the jobs that
+    cannot be planned (a config error: they are launched with the others and fail alone, named in the
+    report, so one bad grid point never holds back the valid ones)."""
+    from lpc.errors import PlanError
     from lpc.experiments.plan import plan as plan_one
 
     base = [f"experiment={p['experiment']}", f"scale={p['scale']}", *p["fixed"], *p["task_extra"]]
-    plans = []
+    plans, errors = [], []
     for j in p["jobs"]:
         if j["status"] == "completed":
             continue
         point = [f"{k}={v}" for k, v in j["overrides"].items()]
-        plans.append(plan_one(compose(base + point), overrides=point))
-    return plans
+        try:
+            plans.append(plan_one(compose(base + point), overrides=point))
+        except PlanError as err:
+            errors.append(f"{j['dir']}: {err}")
+    return plans, errors
 
 
 def multirun_commands(p: dict) -> list[list[str]]:
@@ -224,14 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['missing']} missing"
     )
     cmds = multirun_commands(p)
-    from lpc.errors import PlanError
     from lpc.experiments.plan import format_sweep
 
-    try:
-        plans = plan_jobs(p)
-    except PlanError as err:
-        print(f"lpc-sweep: a job cannot be planned: {err}", file=sys.stderr)
-        return 2
+    plans, unplanned = plan_jobs(p)
+    for line in unplanned:
+        print(f"lpc-sweep: config error, this job will fail: {line}", file=sys.stderr)
     misfits = [q for q in plans if not q.fits]
     if opts["dry_run"]:
         print(f"\n# {p['hydra_launcher']}: composed hydra.launcher (sbatch parameters for slurm)")

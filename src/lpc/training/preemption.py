@@ -72,3 +72,43 @@ class PreemptionGuard:
         signal.signal(self.signum, previous)
         if self._flag:
             previous(self.signum, None)
+
+
+class StopGuard:
+    """SIGTERM (``kill``, ``scancel``, a node shutdown) and Ctrl-C: checkpoint at the end of the current step,
+    then stop with :class:`lpc.errors.Interrupted`, so a rerun of the same command resumes where it stopped.
+    A second Ctrl-C stops at once. Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.previous: dict = {}
+        self.signum: int | None = None
+
+    def install(self) -> StopGuard:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.getsignal(s)
+                signal.signal(s, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        log.warning("received %s: checkpointing at the end of this step, then stopping", signal.Signals(signum).name)
+        self.signum = signum
+
+    def requested(self, accelerator=None) -> int | None:
+        """The signal that asked to stop, agreed on by every process (all of them write the checkpoint)."""
+        signum = self.signum or 0
+        if accelerator is not None and accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor(float(signum), device=accelerator.device)
+            signum = int(accelerator.reduce(flag, "max").item())
+        return signum or None
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}

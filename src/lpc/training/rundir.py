@@ -24,6 +24,8 @@ METRICS = "metrics.json"
 TRAIN_LOG = "train_log.jsonl"
 ANALYSIS = "analysis"
 TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_MANIFEST = "manifest.json"  # every file of a checkpoint with its size, written last
+LOCK = ".lock"  # held (flock) by the process training in the run directory
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 SWEEP_MANIFEST = "sweep.json"  # written by the sweep driver into a sweep directory
 STATUSES = ("completed", "incomplete", "failed", "missing")
@@ -34,15 +36,59 @@ def checkpoint_name(step: int) -> str:
 
 
 def checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the run's checkpoints, oldest first; ``complete_only``: those whose
-    trainer state was written (the last file of a checkpoint)."""
+    """``(step, path)`` of the run's checkpoints, oldest first; ``complete_only``: those whose manifest (or,
+    for checkpoints written before manifests, trainer state) exists. Whether the files are intact is
+    :func:`checkpoint_problem`'s question."""
     ckpt = Path(run_dir) / CHECKPOINTS
     if not ckpt.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in ckpt.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
     if complete_only:
-        found = [(s, p) for s, p in found if (p / TRAINER_STATE).exists()]
+        found = [(s, p) for s, p in found if (p / CHECKPOINT_MANIFEST).exists() or (p / TRAINER_STATE).exists()]
     return sorted(found)
+
+
+def write_checkpoint_manifest(path: Path) -> None:
+    """List every file of the checkpoint directory ``path`` with its size (the checkpoint's last file)."""
+    from lpc.files import atomic_write_json
+
+    files = {
+        str(f.relative_to(path)): f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != CHECKPOINT_MANIFEST
+    }
+    atomic_write_json(path / CHECKPOINT_MANIFEST, {"files": files})
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint (a missing, truncated or grown file, an unreadable manifest or trainer
+    state), or None when it matches its manifest. Sizes, not hashes: a 7B checkpoint is ~100 GB."""
+    manifest = path / CHECKPOINT_MANIFEST
+    if manifest.exists():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"unreadable {CHECKPOINT_MANIFEST}"
+        for rel, size in files.items():
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != size:
+                return f"{rel} has {f.stat().st_size} bytes, the manifest says {size}"
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {TRAINER_STATE}"
+    return None
+
+
+def checkpoint_fingerprint(run_dir: str | Path) -> str | None:
+    """The config fingerprint of the newest intact checkpoint (None: no such checkpoint)."""
+    for _, path in reversed(checkpoints(run_dir)):
+        if checkpoint_problem(path) is None:
+            return json.loads((path / TRAINER_STATE).read_text()).get("fingerprint")
+    return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

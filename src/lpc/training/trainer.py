@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -29,13 +30,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lpc.data import PairCollator
-from lpc.errors import ConfigError
+from lpc.errors import ConfigError, Interrupted
 from lpc.files import apply_umask, atomic_write_json
 from lpc.losses import lpc_objective
 from lpc.policy import PreferenceModel, hidden_states, response_logps
 from lpc.training import rundir
 from lpc.training.distributed import build_accelerator
-from lpc.training.preemption import PreemptionGuard
+from lpc.training.preemption import PreemptionGuard, StopGuard
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class PreferenceTrainer:
 
         c = trainer_cfg
         self.world = acc.num_processes
+        self._running: dict[str, list] = {}  # per-micro-batch metrics since the last log line
+        self._log_lines: int | None = None  # the train log's length in the checkpoint resumed from
         self.global_batch = c.batch_size * c.gradient_accumulation_steps * self.world
         if c.get("global_batch_size") is not None and self.global_batch != c.global_batch_size:
             # the accumulation was derived for another process count than the one that joined
@@ -288,9 +291,22 @@ class PreferenceTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        # this rank's metrics since the last log line: a run resumed between two log steps then writes the
+        # same averages as an uninterrupted one
+        running = {k: [float(x) for x in torch.stack(v).float().reshape(-1)] for k, v in self._running.items()}
+        atomic_write_json(tmp / f"running_{acc.process_index}.json", running)
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": self.step, "fingerprint": self.fingerprint, "total_steps": self.total_steps}
+            log_path = self.run_dir / rundir.TRAIN_LOG
+            log_lines = len(log_path.read_text().splitlines()) if log_path.exists() else 0
+            state = {
+                "step": self.step,
+                "fingerprint": self.fingerprint,
+                "total_steps": self.total_steps,
+                "log_lines": log_lines,
+            }
             atomic_write_json(tmp / rundir.TRAINER_STATE, state)
+            rundir.write_checkpoint_manifest(tmp)  # last: its presence means the checkpoint is whole
             apply_umask(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -299,19 +315,39 @@ class PreferenceTrainer:
         acc.wait_for_everyone()
 
     def maybe_resume(self) -> bool:
-        ckpt = self.latest_checkpoint() if self.cfg.resume else None
-        if ckpt is None:
+        """Resume from the newest intact checkpoint; a broken one (a file missing or truncated against its
+        manifest, or one that fails to load) is passed over with a warning naming it."""
+        if not self.cfg.resume:
             return False
-        state = json.loads((ckpt / rundir.TRAINER_STATE).read_text())
-        if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
-            raise RuntimeError(
-                f"{self.run_dir} holds a checkpoint of a different configuration ({ckpt.name}); "
-                f"use a new run directory (hydra.run.dir=...) or trainer.resume=false to start over"
-            )
-        self.accelerator.load_state(str(ckpt))
-        self.step = state["step"]
-        log.info("resumed from %s (step %d of %d)", ckpt, self.step, self.total_steps)
-        return True
+        found = rundir.checkpoints(self.run_dir)
+        for _, ckpt in reversed(found):
+            problem = rundir.checkpoint_problem(ckpt)
+            if problem is None:
+                state = json.loads((ckpt / rundir.TRAINER_STATE).read_text())
+                if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
+                    raise RuntimeError(
+                        f"{self.run_dir} holds a checkpoint of a different configuration ({ckpt.name}); "
+                        f"use a new run directory (hydra.run.dir=...) or trainer.resume=false to start over"
+                    )
+                try:
+                    self.accelerator.load_state(str(ckpt))
+                except Exception as err:  # noqa: BLE001 - a file that passed the size check but cannot be read
+                    problem = f"it does not load: {type(err).__name__}: {str(err)[:200]}"
+            if problem is not None:
+                log.warning("checkpoint %s is broken (%s): falling back to the previous one", ckpt, problem)
+                continue
+            self.step = state["step"]
+            self._log_lines = state.get("log_lines")
+            running = ckpt / f"running_{self.accelerator.process_index}.json"
+            if running.exists():
+                dev = self.accelerator.device
+                saved = json.loads(running.read_text())
+                self._running = {k: [torch.tensor(x, device=dev) for x in v] for k, v in saved.items() if v}
+            log.info("resumed from %s (step %d of %d)", ckpt, self.step, self.total_steps)
+            return True
+        if found:
+            log.warning("no intact checkpoint in %s: training from step 0", self.ckpt_dir)
+        return False
 
     # ------------------------------------------------------------------ logging
     def _log(self, metrics: dict):
@@ -322,9 +358,14 @@ class PreferenceTrainer:
             self.accelerator.log(metrics, step=self.step)
 
     def _truncate_log(self):
+        """Drop what the log gained after the checkpoint we resume from (all of it when starting over)."""
         path = self.run_dir / rundir.TRAIN_LOG
         if self.accelerator.is_main_process and path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            lines = path.read_text().splitlines()
+            if self._log_lines is not None:  # the log's length when the checkpoint was written
+                lines = lines[: self._log_lines]
+            else:  # a checkpoint from before log_lines was recorded
+                lines = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in lines))
             os.replace(tmp, path)
@@ -380,7 +421,10 @@ class PreferenceTrainer:
 
     def train(self) -> dict:
         acc, c = self.accelerator, self.cfg
-        set_seed(c.seed)
+        # Why device_specific (seed + process index): with one seed every rank drew the same latent samples (the
+        # Gumbel noise of LPC, the continuous latent's eps) for its different pairs. Models and data order are
+        # seeded before this; one process is unchanged (index 0).
+        set_seed(c.seed, device_specific=True)
         resumed = self.maybe_resume()
         self._truncate_log()
         if self.tracker:
@@ -404,10 +448,9 @@ class PreferenceTrainer:
         interactive = acc.is_main_process and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, desc="train")
         self.model.train()
-        running: dict[str, list] = {}
-        preemption = (
-            PreemptionGuard().install()
-        )  # SLURM's warning signal only sets a flag (see lpc.training.preemption)
+        running = self._running
+        preemption = PreemptionGuard().install()  # SLURM's warning signal only sets a flag (lpc.training.preemption)
+        stop = StopGuard().install()  # SIGTERM / Ctrl-C: checkpoint at the end of the step, then stop
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
             for k, v in self.train_step().items():
@@ -450,9 +493,21 @@ class PreferenceTrainer:
                 log.warning("preempted: checkpointing step %d, then requeueing", self.step)
                 self.save_checkpoint()
                 preemption.release()  # submitit requeues the job and exits; the requeued job resumes here
+            signum = stop.requested(acc)
+            if signum is not None and self.step < self.total_steps:
+                self.save_checkpoint()
+                stop.restore()
+                bar.close()
+                raise Interrupted(
+                    f"stopped by {signal.Signals(signum).name} at step {self.step} of {self.total_steps}; the "
+                    f"checkpoint is saved: rerun the same command to resume",
+                    signum,
+                )
+        stop.restore()
         bar.close()
         final, pairs = self.evaluate(return_pairs=True, diagnostics=True)
-        self._log(final)
+        if not (resumed and start_step == self.total_steps):  # resumed from the final checkpoint: logged already
+            self._log(final)
         final.update(
             {
                 "train/steps": self.step,
