@@ -9,14 +9,15 @@ import json
 import shutil
 import sys
 
+# lm-eval is in the dev extra, which `make install` installs: without it these tests fail rather than skip
+# (test_missing_extra_gives_install_message simulates its absence for the user-facing message).
+import lm_eval  # noqa: F401
 import pytest
 import torch
 
 from lpc.data import encode_prompt
 from lpc.policy import PreferenceModel, conditioned_on
 from lpc.training.checkpoint import load_checkpoint
-
-pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra; test_missing_extra covers its absence")
 
 
 def make_lm(model, tok, **kw):
@@ -322,3 +323,21 @@ def test_loglikelihood_with_z_before_the_final_norm(lpc_ckpt):
         ref = logits[len(ctx_ids) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(cont_ids)[:, None]).sum().item()
         assert lp == pytest.approx(ref, abs=1e-4)
         assert abs(lp - head_lp) > 1e-3
+
+
+def test_gsm8k_headline_is_strict_match_not_flexible_extract():
+    # the paper reports GSM8K exact_match under lm-eval's strict-match filter; a results dict where the two
+    # filters disagree shows which one becomes the headline lm_eval/gsm8k/exact_match
+    from lpc.evaluation.harness import flatten_results, paper_metrics
+
+    results = {
+        "results": {
+            "gsm8k": {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.75, "alias": "gsm8k"},
+            "arc_easy": {"acc,none": 0.5, "acc_norm,none": 0.625, "acc_stderr,none": 0.1},
+        },
+        "n-samples": {"gsm8k": {"effective": 8}},
+    }
+    flat = flatten_results(results)
+    assert flat["lm_eval/gsm8k/exact_match"] == 0.25
+    assert flat["lm_eval/gsm8k/exact_match/flexible-extract"] == 0.75 and flat["lm_eval/gsm8k/n_samples"] == 8
+    assert paper_metrics(flat) == {"lm_eval/gsm8k/exact_match": 0.25, "lm_eval/arc_easy/acc": 0.5}
