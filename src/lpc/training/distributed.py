@@ -15,6 +15,7 @@ Two ways to start N processes, both ending in the same ``Accelerator()``:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -185,6 +186,16 @@ def resolve_gradient_accumulation(cfg, world: int | None = None) -> int:
     return derived
 
 
+def destroy_gloo_process_group() -> None:
+    """Why: a gloo process group left to the interpreter's teardown can abort a finished rank ("terminate called
+    without an active exception", exit code -6): gloo's worker threads still hold async work, which ZeRO-3's
+    all-gathers leave behind. Destroyed while Python is alive (atexit), the rank exits cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
 def build_accelerator(trainer_cfg, run_dir, log_with: str | None = None):
     """The run's Accelerator. ``trainer.precision`` wins over the config file's mixed_precision;
     gradient accumulation goes through accelerate (DeepSpeed scales and steps it itself)."""
@@ -215,4 +226,7 @@ def build_accelerator(trainer_cfg, run_dir, log_with: str | None = None):
         # DeepSpeed clips inside its engine step and ignores the trainer's clip_grad_norm_ argument; accelerate
         # fills its "auto" with 1.0. trainer.max_grad_norm is the one setting, as under DDP/FSDP.
         ds_config["gradient_clipping"] = float(trainer_cfg.max_grad_norm)
+    if acc.num_processes > 1:
+        atexit.unregister(destroy_gloo_process_group)  # once, however many Accelerators a process builds
+        atexit.register(destroy_gloo_process_group)
     return acc
