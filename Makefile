@@ -106,3 +106,10 @@ reproduce-continuous: install
 reproduce-mixed: install
 	$(SWEEP) experiment=mixed $(ARGS)
 reproduce-all: reproduce-table1 reproduce-table2 reproduce-codebook reproduce-noise reproduce-continuous reproduce-mixed
+
+# The first commands on a GPU machine (scripts/smoke_gpu.sh; docs/gpu-checklist.md says what each should print):
+# SmolLM2 on 1 GPU in bf16, the tiny model under ZeRO-3 on 8 GPUs, Llama-3-8B under ZeRO-3 (hub access needed);
+# 20 LPC-DPO steps each (deepspeed comes with the dev extra). Without CUDA it prints "no CUDA: skipping ...", exits 0.
+.PHONY: smoke-gpu
+smoke-gpu: install
+	PY=$(PY) bash scripts/smoke_gpu.sh
