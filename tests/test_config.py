@@ -25,7 +25,8 @@ def test_cfg_job_prints_the_composed_config():
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.model.name_or_path == "mistralai/Mistral-7B-v0.1"
-    assert cfg.algo.name == "simpo" and cfg.algo.beta == 2.0 and cfg.algo.gamma == 1.0
+    # the SimPO authors' Mistral-7B recipe (conf/recipe/mistral7b_simpo.yaml), not the generic SimPO default
+    assert cfg.algo.name == "simpo" and cfg.algo.beta == 2.0 and cfg.algo.gamma == 1.6 and cfg.trainer.lr == 3e-7
     assert cfg.codebook == 64 and cfg.flip == 0.0
     assert cfg.trainer.precision == "bf16"  # a hub model selects the GPU trainer recipe
     assert {"trainer", "model", "algo", "latent", "data", "logger"} <= set(cfg)
