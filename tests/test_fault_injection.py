@@ -169,7 +169,12 @@ def test_a_second_process_in_the_same_run_directory_is_refused(reference, tmp_pa
     run_dir = tmp_path / "run"
     first = start(run_dir)
     wait_for(lambda: (run_dir / "train_log.jsonl").exists(), first)
-    second = run_train(RUN, run_dir, check=False, timeout=120)
+    # freeze the first (it keeps its lock) so that it cannot finish before the second one starts
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = run_train(RUN, run_dir, check=False, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     assert f"{run_dir} is in use by pid {first.pid}" in second.stdout + second.stderr
     _, err = first.communicate(timeout=300)
