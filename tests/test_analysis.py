@@ -1,6 +1,7 @@
 """Latent-analysis metrics on hand-computed examples, the written plots, and the end-of-training hook."""
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -57,8 +58,10 @@ def test_latent_report_metrics_and_plots(tmp_path):
     assert m["eval/pref_accuracy"] == pytest.approx(8 / 12)
     assert m["eval/pref_accuracy/type_0"] == pytest.approx(5 / 6)
     assert m["eval/pref_accuracy/type_1"] == pytest.approx(3 / 6)
-    pred = [0] * 6 + [2] * 5 + [0]
-    assert m["eval/nmi"] == pytest.approx(nmi(types, pred)) and 0.5 < m["eval/nmi"] < 1
+    # NMI by hand: the prior argmax is code 0 for types {0 x6, 1 x1}, code 2 for {1 x5}; H(T) = ln 2
+    mi = 6 / 12 * math.log(12 / 7) + 1 / 12 * math.log(2 / 7) + 5 / 12 * math.log(2)  # 0.453913
+    h_c = -(7 / 12 * math.log(7 / 12) + 5 / 12 * math.log(5 / 12))  # 0.679193
+    assert m["eval/nmi"] == pytest.approx(mi / ((math.log(2) + h_c) / 2)) == pytest.approx(0.661516, abs=1e-6)
     assert m["eval/purity"] == pytest.approx(11 / 12)
     assert m["eval/posterior_nmi"] == pytest.approx(1.0)
     assert m["eval/codes_used"] == 2
@@ -80,6 +83,39 @@ def test_latent_report_metrics_and_plots(tmp_path):
         latent_report(pairs, None, [0, 1, 0])
 
 
+def nmi_by_hand(truth, codes) -> float:
+    """I(T; C) / ((H(T) + H(C)) / 2) from the contingency counts; 1.0 when both have one label."""
+    n = len(truth)
+    joint = Counter(zip(truth, codes))
+    pt, pc = Counter(truth), Counter(codes)
+    mi = sum(c / n * math.log(c * n / (pt[t] * pc[k])) for (t, k), c in joint.items())
+    h = lambda cnt: -sum(c / n * math.log(c / n) for c in cnt.values())  # noqa: E731
+    denom = (h(pt) + h(pc)) / 2
+    return 1.0 if denom == 0 else mi / denom
+
+
+def reload_and_score(run_dir):
+    """The run's final evaluation again, from final/: per-pair rewards and prior codes, and the eval set's types."""
+    from accelerate import Accelerator
+    from hydra.utils import instantiate
+
+    from lpc.run import build_datasets, preference_trainer
+    from lpc.training.checkpoint import load_checkpoint
+
+    model, tokenizer, cfg = load_checkpoint(run_dir)
+    _, eval_ds, _ = build_datasets(cfg, tokenizer)
+    ref, _ = instantiate(cfg.model)  # DPO's frozen initial model
+    trainer = preference_trainer(cfg, model, ref, tokenizer, eval_ds, eval_ds, run_dir, Accelerator(cpu=True))
+    _, pairs = trainer.evaluate(return_pairs=True)
+    return pairs, list(eval_ds["type"])
+
+
+def test_nmi_by_hand_helper_agrees_with_the_worked_examples():
+    assert nmi_by_hand([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(0.343711, abs=1e-6)
+    assert nmi_by_hand([0, 0, 1, 1], [7, 7, 3, 3]) == pytest.approx(1.0)
+    assert nmi_by_hand([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.0)
+
+
 def test_training_writes_the_latent_analysis(tiny_lpc_run):
     from conftest import read_metrics
 
@@ -93,13 +129,18 @@ def test_training_writes_the_latent_analysis(tiny_lpc_run):
         "eval/pref_accuracy/type_1",
     ):
         assert key in m, key
-    assert 0.0 <= m["eval/nmi"] <= 1.0 and 1 <= m["eval/codes_used"] <= 8
-    # the per-type accuracies average (weighted) to the overall one
-    assert (
-        min(m["eval/pref_accuracy/type_0"], m["eval/pref_accuracy/type_1"])
-        <= m["eval/pref_accuracy"]
-        <= max(m["eval/pref_accuracy/type_0"], m["eval/pref_accuracy/type_1"])
-    )
+    # The final checkpoint, reloaded and evaluated again, gives per-pair decisions and prior codes; the run's
+    # per-type accuracies, codes used and NMI are recomputed from them by hand (counts, not sklearn).
+    pairs, types = reload_and_score(tiny_lpc_run)
+    correct = (pairs["chosen_rewards"] > pairs["rejected_rewards"]).tolist()
+    codes = pairs["prior_code"].tolist()
+    assert len(types) == len(codes) == 64
+    for t in (0, 1):
+        mine = [c for c, ty in zip(correct, types) if ty == t]
+        assert m[f"eval/pref_accuracy/type_{t}"] == pytest.approx(sum(mine) / len(mine), abs=1e-9)
+    assert m["eval/pref_accuracy"] == pytest.approx(sum(correct) / 64, abs=1e-9)
+    assert m["eval/codes_used"] == len(set(codes))
+    assert m["eval/nmi"] == pytest.approx(nmi_by_hand(types, codes), abs=1e-6)
     for name in PLOT_FILES.values():
         assert (tiny_lpc_run / "analysis" / name).read_bytes()[:4] == b"\x89PNG"
 

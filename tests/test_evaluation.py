@@ -130,16 +130,23 @@ def greedy_by_hand(model, tok, prompt, n, stop):
 def test_generate_until_uses_the_prior_z(lpc_ckpt):
     model, tok = lpc_ckpt
     model = copy.deepcopy(model)
-    with torch.no_grad():
-        model.latent.codebook.mul_(30.0)  # large codes: z visibly changes the greedy text
+    # The codes stay as trained (the hidden state's scale); the prior is set to put softmax(b) on every prompt,
+    # with b favouring a different code per call, so the greedy text must follow the prior's code.
     prompts = ["Question: what is best?\nAnswer:", "Tell me"]
     gen = {"until": ["Question:"], "max_gen_toks": 10, "do_sample": False}
-    got = make_lm(model, tok).generate_until(requests("generate_until", [(p, gen) for p in prompts]))
-    assert got == [greedy_by_hand(model, tok, p, 10, "Question:") for p in prompts]
+    texts = {}
+    for k in range(4):
+        with torch.no_grad():
+            model.latent.prior[-1].weight.zero_()
+            model.latent.prior[-1].bias.copy_(20.0 * torch.nn.functional.one_hot(torch.tensor(k), 8).float())
+        got = make_lm(model, tok).generate_until(requests("generate_until", [(p, gen) for p in prompts]))
+        assert got == [greedy_by_hand(model, tok, p, 10, "Question:") for p in prompts]
+        texts[k] = tuple(got)
     no_z = make_lm(PreferenceModel(model.lm, None), tok).generate_until(
         requests("generate_until", [(p, gen) for p in prompts])
     )
-    assert no_z != got
+    # the prior's code changes the text: a generator that ignored z, or used one fixed code, fails here
+    assert len(set(texts.values())) > 1 and any(text != tuple(no_z) for text in texts.values())
 
 
 def load_local_data():
@@ -158,6 +165,15 @@ def test_truthfulqa_bleu_works_offline():
     wrong = data.process_results_gen(doc, [doc["incorrect_answers"][0]])
     assert right["bleu_acc"] == 1 and right["bleu_max"] == pytest.approx(100.0)
     assert wrong["bleu_acc"] == 0
+
+
+def local_task(name: str):
+    """One of our local lm-eval tasks, loaded by lm-eval's own TaskManager (its prompts and filters)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from lpc.evaluation import TASKS_DIR
+
+    return get_task_dict([name], TaskManager(include_path=str(TASKS_DIR), include_defaults=False))[name]
 
 
 def test_evaluate_command_writes_metrics(tiny_lpc_run, tmp_path, lpc_ckpt):
@@ -182,7 +198,15 @@ def test_evaluate_command_writes_metrics(tiny_lpc_run, tmp_path, lpc_ckpt):
     for task in ("arc_challenge_local", "arc_easy_local", "gsm8k_local", "truthfulqa_local"):
         assert m[f"lm_eval/{task}/n_samples"] == 2
     assert m["lm_eval/gsm8k_local/exact_match"] == m["lm_eval/gsm8k_local/exact_match/strict-match"]
-    assert 0.0 <= m["lm_eval/truthfulqa_local/bleu_acc"] <= 1.0
+    # TruthfulQA's bleu_acc recomputed by hand: the wrapper's greedy answers to the task's prompt, scored
+    # by the task's own process_results on the same two questions
+    task = local_task("truthfulqa_local")
+    tqa = list(task.validation_docs())[:2]
+    gen = {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 64}
+    answers = make_lm(*lpc_ckpt).generate_until(requests("generate_until", [(task.doc_to_text(d), gen) for d in tqa]))
+    data = load_local_data()
+    bleu_acc = [data.process_results_gen(d, [a])["bleu_acc"] for d, a in zip(tqa, answers)]
+    assert m["lm_eval/truthfulqa_local/bleu_acc"] == pytest.approx(sum(bleu_acc) / 2)
     # ARC acc recomputed by hand from the wrapper's log-likelihoods on the same two questions
     model, tok = lpc_ckpt
     lm = make_lm(model, tok)

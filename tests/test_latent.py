@@ -392,12 +392,28 @@ def test_trainer_loss_is_base_plus_warmed_up_lambda_times_kl(tmp_path):
 
 
 # ---------------------------------------------------------------------- the z ablations
+def score_eval_set_by_hand(t, z_of):
+    """Margins (chosen - rejected reward) of the whole eval set in one batch, z = ``z_of(latent_output)``."""
+    from lpc.policy import hidden_states
+
+    n = len(t.eval_dataset)
+    batch = t._to_device(t.collate([t.eval_dataset[i] for i in range(n)]))
+    with torch.no_grad():
+        model = t.model
+        hidden = hidden_states(model.lm, batch)
+        lat = model.latent(*model.latent_inputs(hidden, batch), mode="prior")
+        res = t._algo_output(*model.score(hidden, batch, z_of(lat)), t._reference_logps(batch))
+    return res.chosen_rewards - res.rejected_rewards
+
+
 def test_z_ablations_are_exact_when_z_cannot_matter(tmp_path):
     """With every code zero, z = 0, a shuffled z and the posterior's code all score like the prior's z:
-    no decision changes. With large distinct codes they do."""
+    no decision changes. With the codes at the hidden state's scale (as built) and a prior that puts
+    softmax([9, 0, 0, 0]) on every prompt, each ablation's margins and the diagnostics equal a recomputation."""
     from lpc.evaluation.analysis import latent_diagnostics
 
     t = make_trainer(["latent=discrete", "codebook=4"], tmp_path, n_eval=64)
+    codebook = t.model.latent.codebook.detach().clone()  # calibrated: rows of the hidden state's norm
     with torch.no_grad():
         t.model.latent.codebook.zero_()
     m, pairs = t.evaluate(return_pairs=True, diagnostics=True)
@@ -409,32 +425,41 @@ def test_z_ablations_are_exact_when_z_cannot_matter(tmp_path):
     assert d["eval/latent/decisions_changed"] == 0.0 and d["eval/latent/inert"] == 1.0
     assert d["eval/latent/z_norm"] == 0.0
     with torch.no_grad():
-        t.model.latent.codebook.normal_(0, 30.0)
-        t.model.latent.prior[-1].bias.copy_(torch.tensor([9.0, 0.0, 0.0, 0.0]))  # the prior picks code 0
-    _, pairs = t.evaluate(return_pairs=True, diagnostics=True)
+        t.model.latent.codebook.copy_(codebook)
+        t.model.latent.prior[-1].weight.zero_()
+        t.model.latent.prior[-1].bias.copy_(torch.tensor([9.0, 0.0, 0.0, 0.0]))
+    m2, pairs = t.evaluate(return_pairs=True, diagnostics=True)
     d = latent_diagnostics(pairs)
-    assert d["eval/latent/decisions_changed"] > 0.05 and d["eval/latent/inert"] == 0.0
-    # z_norm is the prior's expected code, close to ||e_0||
-    assert d["eval/latent/z_norm"] == pytest.approx(t.model.latent.codebook[0].norm().item(), rel=0.05)
+    z = torch.tensor([9.0, 0.0, 0.0, 0.0]).softmax(-1) @ codebook  # the same z for every prompt
+    prior_margin = score_eval_set_by_hand(t, lambda lat: z.expand_as(lat.z))
+    torch.testing.assert_close(pairs["chosen_rewards"] - pairs["rejected_rewards"], prior_margin)
+    torch.testing.assert_close(pairs["margin/z_zero"], margin)  # z = 0 whatever the codebook
+    torch.testing.assert_close(pairs["margin/z_shuffled"], prior_margin)  # every prompt has the same z
+    post = score_eval_set_by_hand(t, lambda lat: codebook[lat.posterior_probs.argmax(-1)])
+    torch.testing.assert_close(pairs["margin/z_posterior"], post)
+    assert (prior_margin - margin).abs().max() > 1e-3  # z at this scale moves the margins
+    changed = ((margin > 0) != (prior_margin > 0)).float().mean().item()
+    assert d["eval/latent/decisions_changed"] == pytest.approx(changed)
+    assert d["eval/latent/inert"] == float(changed < 0.01)
+    assert m2["eval/pref_accuracy"] == pytest.approx((prior_margin > 0).float().mean().item())
+    assert d["eval/pref_accuracy/z_zero"] == pytest.approx((margin > 0).float().mean().item())
+    assert d["eval/latent/z_norm"] == pytest.approx(z.norm().item(), rel=1e-5)
 
 
 def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
     """Row i of the shuffled ablation is scored with the prior z of row perm[i] (perm seeded by the
-    trainer's seed): recompute one row by hand."""
+    trainer's seed): recompute every row by hand. The codes stay as built (the hidden state's norm); the
+    prior's last layer is scaled up so that prompts pick different codes, as a trained prior does."""
     t = make_trainer(["latent=discrete", "codebook=4"], tmp_path, n_eval=16)
     with torch.no_grad():
-        t.model.latent.codebook.normal_(0, 30.0)
+        t.model.latent.prior[-1].weight.mul_(200.0)
     _, pairs = t.evaluate(return_pairs=True, diagnostics=True)
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(t.cfg.seed))
-    batch = t._to_device(t.collate([t.eval_dataset[i] for i in range(16)]))
-    with torch.no_grad():
-        from lpc.policy import hidden_states
-
-        model = t.model
-        hidden = hidden_states(model.lm, batch)
-        z = model.latent(*model.latent_inputs(hidden, batch), mode="prior").z
-        res = t._algo_output(*model.score(hidden, batch, z[perm]), t._reference_logps(batch))
-    torch.testing.assert_close(pairs["margin/z_shuffled"], res.chosen_rewards - res.rejected_rewards)
+    shuffled = score_eval_set_by_hand(t, lambda lat: lat.z[perm])
+    own = score_eval_set_by_hand(t, lambda lat: lat.z)
+    torch.testing.assert_close(pairs["margin/z_shuffled"], shuffled)
+    torch.testing.assert_close(pairs["chosen_rewards"] - pairs["rejected_rewards"], own)
+    assert (shuffled - own).abs().max() > 1e-3  # an unshuffled z would fail the first check
 
 
 @pytest.mark.parametrize(
