@@ -18,6 +18,7 @@ LAYERS = {
     "lpc.errors": 0,
     "lpc.files": 0,
     "lpc.stats": 0,
+    "lpc.hub": 0,
     "lpc.conf": 0,
     "lpc.losses": 1,
     "lpc.latent": 1,

@@ -1,5 +1,8 @@
 """The config tree composes for every option, and every bad input fails fast with a clear error."""
 
+import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -24,12 +27,55 @@ def test_cfg_job_prints_the_composed_config():
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
+    # the card's command trains LPC-SimPO with 64 codes: codebook=K alone selects the discrete latent
+    assert cfg.latent.name == "discrete" and cfg.latent._target_ == "lpc.latent.DiscreteLatent"
+    assert cfg.latent.codebook_size == 64
     assert cfg.model.name_or_path == "mistralai/Mistral-7B-v0.1"
     # the SimPO authors' Mistral-7B recipe (conf/recipe/mistral7b_simpo.yaml), not the generic SimPO default
     assert cfg.algo.name == "simpo" and cfg.algo.beta == 2.0 and cfg.algo.gamma == 1.6 and cfg.trainer.lr == 3e-7
     assert cfg.codebook == 64 and cfg.flip == 0.0
     assert cfg.trainer.precision == "bf16"  # a hub model selects the GPU trainer recipe
     assert {"trainer", "model", "algo", "latent", "data", "logger"} <= set(cfg)
+
+
+def test_codebook_selects_the_latent_and_conflicts_are_refused():
+    from lpc.conf import codebook_implies_latent as imply
+
+    assert imply(["model=mistral7b", "algo=simpo", "codebook=64"]) == [
+        "model=mistral7b", "algo=simpo", "codebook=64", "latent=discrete"
+    ]  # fmt: skip
+    assert imply(["codebook=none"]) == ["codebook=none", "latent=none"]  # the baseline, one clear choice
+    assert imply(["codebook=8,32,128"]) == ["codebook=8,32,128", "latent=discrete"]  # an LPC sweep
+    assert imply(["latent=discrete", "codebook=8"]) == ["latent=discrete", "codebook=8"]
+    assert imply(["latent=continuous", "codebook=none"]) == ["latent=continuous", "codebook=none"]
+    assert imply(["algo=ipo", "latent=none"]) == ["algo=ipo", "latent=none"]
+    conflicts = {
+        ("latent=none", "codebook=64"): "codebook=64 is not allowed with latent=none: codebook sets the number",
+        ("latent=continuous", "codebook=8"): "codebook=8 is not allowed with latent=continuous",
+        ("codebook=none", "latent=discrete"): "a discrete latent needs a codebook size >= 1",
+        ("latent=none,discrete", "codebook=8,32"): "so it would be ignored",  # the old sweep's duplicate runs
+        ("codebook=none,8",): "mixes the baseline (none) and LPC codebook sizes in one Hydra multirun",
+    }
+    for overrides, message in conflicts.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            imply(list(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides", [["latent=none", "codebook=64"], ["-m", "codebook=none,8,32"]], ids=["none+K", "mixed multirun"]
+)
+def test_codebook_conflicts_exit_2_before_composing(overrides, tmp_path):
+    proc = run_train([*overrides, "--cfg", "job"], tmp_path / "run", check=False, timeout=60)
+    assert proc.returncode == 2 and "lpc-train: config error: codebook=" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_refuses_a_discrete_latent_without_codes_and_keeps_the_baseline_default():
+    with pytest.raises(ConfigError, match="codebook='none' is not allowed: an integer >= 1"):
+        validate(compose(["latent=discrete", "codebook=none"]))
+    validate(compose(["codebook=none", "latent=none"]))
+    validate(compose([]))  # the default: the baseline (latent=none) with codebook's default unused
+    assert compose([]).latent.name == "none"
 
 
 def test_issue_options_exist():
@@ -94,7 +140,21 @@ BAD = [
         "trainer.gradient_accumulation_steps=1",
     ),
     (["trainer.global_batch_size=0"], "trainer.global_batch_size=0"),
-]
+    # non-numeric values for numeric keys, and choices that used to be checked only after loading
+    (["latent=discrete", "latent.kl_weight=abc"], "latent.kl_weight='abc' is not allowed: a number >= 0"),
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not allowed: an integer"),
+    (["trainer.lr=fast"], "trainer.lr='fast' is not allowed: a number > 0"),
+    (["trainer.lr_scheduler=foo"], "trainer.lr_scheduler='foo' is not allowed: one of ('linear', 'cosine'"),
+    (["data.visibility=foo"], "data.visibility='foo' is not allowed: one of ('always', 'never', 'sometimes')"),
+    (["data=ultrafeedback", f"data.path={FIXTURES / 'ultrafeedback.jsonl'}", "data.rating=foo"],
+     "data.rating='foo' is not allowed: one of ('overall_score'"),
+    (["data.n_train=0"], "data.n_train=0 is not allowed: an integer >= 1"),
+    (["data=jsonl", f"data.train_file={FIXTURES}"], "(a directory)"),
+    ([f"model.cache_dir={FIXTURES / 'pairs.jsonl'}"], "model.cache_dir="),
+    # one file as both splits of the binarized set would evaluate on the training rows
+    (["data=ultrafeedback_binarized", f"data.path={FIXTURES / 'ultrafeedback_binarized' / 'train_prefs.jsonl'}"],
+     "is not allowed: a directory or hub name with both the train split (train_prefs) and the held-out eval split"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
@@ -113,6 +173,86 @@ def test_bad_input_fails_fast_with_the_key(overrides, message, tmp_path):
     assert not (run_dir / "checkpoints").exists()
     assert not cache.exists(), "a model or tokenizer was loaded before the config error"
     assert time.time() - start < 60
+
+
+def bad_jsonl(tmp_path, name: str, lines: list) -> str:
+    path = tmp_path / name
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return str(path)
+
+
+GOOD = [{"prompt": f"Name thing {i}.", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
+# (name, {file name: rows}, extra overrides, text the error must contain); files land in tmp_path
+DATA_BAD = [
+    ("empty file", {"t.jsonl": []}, [], "t.jsonl is empty: no preference pairs"),
+    ("bad JSON line, numbered from 1", {"t.jsonl": [GOOD[0], '{"prompt": "x", bad', GOOD[1]]}, [],
+     "t.jsonl, line 2: Expecting property name enclosed in double quotes"),
+    ("every row bad", {"t.jsonl": [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 3}, [],
+     "the train split has no pairs left once the bad rows were skipped"),
+    ("eval left empty by the bad rows", {"t.jsonl": GOOD, "e.jsonl": [{"prompt": "p", "chosen": "", "rejected": "x"}]},
+     ["data.eval_file=e.jsonl"], "the eval split has no pairs left once the bad rows were skipped"),
+    ("eval file = train file", {"t.jsonl": GOOD}, ["data.eval_file=t.jsonl"],
+     "all 40 eval pairs are also training pairs: the evaluation would measure the training set"),
+    ("eval pairs that are training pairs (swapped), on_bad_row=error",
+     {"t.jsonl": GOOD, "e.jsonl": [GOOD[5] | {"chosen": "bad 5", "rejected": "good 5"}, {**GOOD[0], "prompt": "new"}]},
+     ["data.eval_file=e.jsonl", "data.on_bad_row=error"], "eval split has bad rows (1 also_in_train: row 1)"),
+    ("numbers are not text, with row numbers", {"t.jsonl": GOOD[:3] + [{"prompt": "p", "chosen": 7, "rejected": "x"}]},
+     ["data.on_bad_row=error"], "train split has bad rows (1 not_text_chosen: row 4)"),
+    ("too few rows to split off an eval set", {"t.jsonl": GOOD[:1]}, [], "cannot split data.eval_size=0.05 eval pairs off 1 rows"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("files,extra,message", [c[1:] for c in DATA_BAD], ids=[c[0] for c in DATA_BAD])
+def test_bad_data_fails_before_any_model_loads(files, extra, message, tmp_path):
+    for name, rows in files.items():
+        bad_jsonl(tmp_path, name, rows)
+    extra = [e.replace("=e.jsonl", f"={tmp_path / 'e.jsonl'}").replace("=t.jsonl", f"={tmp_path / 't.jsonl'}")
+             for e in extra]  # fmt: skip
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    start = time.time()
+    overrides = ["data=jsonl", f"data.train_file={tmp_path / 't.jsonl'}", *extra]
+    proc = run_train(overrides, run_dir, env={"LPC_CACHE_DIR": str(cache)}, check=False, timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert "data error: " in out and message in out, out[-2000:]
+    assert "Traceback" not in out
+    assert not cache.exists(), "a model or tokenizer was loaded before the data error"
+    assert not (run_dir / ".hydra").exists() and not (run_dir / "metrics.json").exists()
+    assert time.time() - start < 60
+
+
+def test_pairs_identical_after_truncation_are_bad_rows(tmp_path):
+    # the responses differ only past trainer.max_length: nothing is left to prefer once truncated
+    long = " ".join(["word"] * 80)
+    rows = GOOD + [{"prompt": "Name a long thing.", "chosen": long + " yes", "rejected": long + " no"}]
+    train = bad_jsonl(tmp_path, "t.jsonl", rows)
+    proc = run_train(["data=jsonl", f"data.train_file={train}", "data.eval_size=4", "data.on_bad_row=error"],
+                     tmp_path / "run", check=False, timeout=120)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert "data error: train split has bad rows (1 identical_after_truncation: row 41)" in out, out[-2000:]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_hub_unreachable_fails_at_once_without_the_offline_switches(tmp_path):
+    # No HF_HUB_OFFLINE and a hub that cannot be reached (a closed local port stands in for no network):
+    # one probe, then a clear error, instead of a minute of retries.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "LPC_CACHE_DIR": str(tmp_path / "cache")}
+    for overrides, message in [
+        (["model=mistral7b", "trainer=cpu"],
+         "model unavailable: model.name_or_path='mistralai/Mistral-7B-v0.1' is not in the local Hugging Face cache "
+         "and the hub is unreachable: http://127.0.0.1:9 cannot be reached"),
+        (["data=ultrafeedback"],
+         "data error: data.path='openbmb/UltraFeedback' is neither a local file or directory nor reachable on the hub"),
+    ]:  # fmt: skip
+        start = time.time()
+        cmd = [sys.executable, str(SRC / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and message in out, out[-2000:]
+        assert time.time() - start < 30
+        assert not (tmp_path / "cache").exists()
 
 
 def test_global_batch_derives_the_accumulation():
@@ -177,8 +317,10 @@ def test_missing_hub_model_offline_fails_at_once(tmp_path):
     start = time.time()
     proc = run_train(["model=mistral7b", "trainer=cpu"], run_dir, env={"HF_HUB_OFFLINE": "1"}, check=False, timeout=120)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "mistralai/Mistral-7B-v0.1" in out and "not in the local Hugging Face cache" in out, out[-2000:]
-    assert "HF_HUB_OFFLINE" in out
+    assert proc.returncode == 2
+    assert (
+        "model unavailable: model.name_or_path='mistralai/Mistral-7B-v0.1' is not in the local Hugging Face cache "
+        "and HF_HUB_OFFLINE=1 is set" in out
+    ), out[-2000:]
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "final").exists()
-    assert time.time() - start < 100
+    assert time.time() - start < 30

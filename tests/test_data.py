@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from conftest import FIXTURES, compose
-from lpc.data import DataError, PairCollator, check_rows, flip_labels, tokenize_pairs
+from lpc.data import (
+    DataError,
+    PairCollator,
+    check_rows,
+    flip_labels,
+    from_conversation,
+    hold_out,
+    pair_key,
+    tokenize_pairs,
+)
 from lpc.data.hub import JsonlPreferences, UltraFeedback, UltraFeedbackBinarized, _load
+from lpc.data.synthetic import SyntheticPreferences
 from lpc.run import build_datasets
 
 UF = str(FIXTURES / "ultrafeedback.jsonl")
@@ -101,7 +111,7 @@ def test_ultrafeedback_binarized_local_split_files():
 
 
 def test_local_dir_without_the_split_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="train_sft"):
+    with pytest.raises(DataError, match="no file for split 'train_sft'"):
         _load(UF_BIN, "train_sft")
 
 
@@ -123,9 +133,15 @@ def test_check_rows_counts_every_reason_and_skips():
     assert len(kept) == 6 and "Name a tree." not in kept["prompt"]
 
 
-def test_check_rows_error_mode_names_the_counts():
-    with pytest.raises(DataError, match="2 identical_chosen_rejected.*1 missing_chosen.*on_bad_row=skip"):
+def test_check_rows_error_mode_names_the_counts_and_rows():
+    # rows are numbered from 1 in the file (pairs.jsonl: line 7 has no chosen, lines 10 and 11 tie)
+    message = (
+        "train split has bad rows (1 empty_prompt: row 9; 1 empty_rejected: row 8; "
+        "2 identical_chosen_rejected: rows 10, 11; 1 missing_chosen: row 7); fix the data or set data.on_bad_row=skip"
+    )
+    with pytest.raises(DataError) as err:
         check_rows(_load(PAIRS), "train", "error")
+    assert str(err.value) == message
     good = _load(PAIRS).select(range(6))
     assert len(check_rows(good, "train", "error")[0]) == 6  # no bad rows: no error
 
@@ -137,14 +153,27 @@ def test_missing_column_is_an_error(tmp_path):
         check_rows(_load(str(path)), "train", "skip")
 
 
-def test_jsonl_bad_rows_counted_through_the_pipeline(tokenizer):
-    cfg = compose(["data=jsonl", f"data.train_file={PAIRS}", f"data.eval_file={PAIRS}"])
+def held_out_copy(tmp_path) -> str:
+    """pairs.jsonl with every non-empty response changed (" !" appended): the same bad rows, other pairs."""
+    rows = [json.loads(line) for line in open(PAIRS)]
+    for r in rows:
+        for key in ("chosen", "rejected"):
+            if r.get(key):
+                r[key] = r[key].strip() + " !"
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_jsonl_bad_rows_counted_through_the_pipeline(tokenizer, tmp_path):
+    eval_file = held_out_copy(tmp_path)
+    cfg = compose(["data=jsonl", f"data.train_file={PAIRS}", f"data.eval_file={eval_file}"])
     train, ev, stats = build_datasets(cfg, tokenizer)
     assert len(train) == len(ev) == 6
     for key, n in EXPECTED_BAD.items():
         assert stats[key] == n and stats[key.replace("train", "eval")] == n
     assert stats["data/train_pairs"] == 6
-    cfg = compose(["data=jsonl", f"data.train_file={PAIRS}", f"data.eval_file={PAIRS}", "data.on_bad_row=error"])
+    cfg = compose(["data=jsonl", f"data.train_file={PAIRS}", f"data.eval_file={eval_file}", "data.on_bad_row=error"])
     with pytest.raises(DataError, match="train split has bad rows"):
         build_datasets(cfg, tokenizer)
 
@@ -293,3 +322,154 @@ def test_instruct_models_train_in_their_chat_template():
     assert compose(["model=mistral7b", "data=jsonl", "data.train_file=x"]).data.chat_template is False
     assert compose(["model=smollm2", "data=ultrafeedback_binarized"]).data.chat_template is True
     assert compose(["model=smollm2"]).data.chat_template is False  # the synthetic data's plain prompts
+
+
+# --------------------------------------------------------------------------- eval held out from train
+
+
+def keys(ds) -> set:
+    return {pair_key(r) for r in ds}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        SyntheticPreferences(seed=0),
+        SyntheticPreferences(seed=7, conflict=0.0, visibility="never", flip=0.3),
+        UltraFeedback(path=UF, eval_size=2),
+        UltraFeedbackBinarized(path=UF_BIN),
+        JsonlPreferences(train_file=PAIRS, eval_size=3),
+    ],
+    ids=["synthetic", "synthetic-flip", "ultrafeedback", "binarized", "jsonl-split"],
+)
+def test_every_source_gives_eval_pairs_disjoint_from_train(source):
+    pairs, stats = source.pairs()
+    assert len(pairs["eval"]) > 0 and not keys(pairs["train"]) & keys(pairs["eval"])
+    assert "data/skipped_eval/also_in_train" not in stats  # disjoint by construction: nothing had to go
+
+
+def test_hold_out_removes_eval_pairs_that_are_training_pairs_in_either_order():
+    train = datasets.Dataset.from_list(
+        [{"prompt": "p1", "chosen": "a", "rejected": "b"}, {"prompt": "p2", "chosen": "c", "rejected": "d"}]
+    )
+    eval_ds = datasets.Dataset.from_list(
+        [
+            {"prompt": "p1", "chosen": "b", "rejected": "a"},  # the same comparison, labels swapped
+            {"prompt": "p2", "chosen": "c", "rejected": "e"},  # same prompt, another comparison: kept
+            {"prompt": " p2 ", "chosen": "c ", "rejected": "d"},  # the same after stripping
+        ]
+    )
+    kept, stats = hold_out(train, eval_ds)
+    assert kept["rejected"] == ["e"] and stats == {"data/skipped_eval/also_in_train": 2}
+    with pytest.raises(DataError, match=r"eval split has bad rows \(2 also_in_train: rows 1, 3\)"):
+        hold_out(train, eval_ds, "error")
+    with pytest.raises(DataError, match="all 2 eval pairs are also training pairs"):
+        hold_out(train, train)
+
+
+# --------------------------------------------------------------------------- conversational rows
+
+USER, BOT = "user", "assistant"
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+CONVERSATIONS = [
+    (  # binarized, one turn: the prompt string is repeated as the first message
+        {"prompt": "Q", "chosen": [msg(USER, "Q"), msg(BOT, "A")], "rejected": [msg(USER, "Q"), msg(BOT, "B")]},
+        ("Q", "A", "B", ""),
+    ),
+    (  # binarized, several turns: every turn before the replies is the prompt, not only the first question
+        {
+            "prompt": "Q1",
+            "chosen": [msg(USER, "Q1"), msg(BOT, "A1"), msg(USER, "Q2"), msg(BOT, "A")],
+            "rejected": [msg(USER, "Q1"), msg(BOT, "A1"), msg(USER, "Q2"), msg(BOT, "B")],
+        },
+        ("user: Q1\n\nassistant: A1\n\nuser: Q2", "A", "B", [msg(USER, "Q1"), msg(BOT, "A1"), msg(USER, "Q2")]),
+    ),
+    (  # TRL's explicit-prompt conversational format: the prompt is a message list, the lists hold the replies
+        {"prompt": [msg("system", "S"), msg(USER, "Q")], "chosen": [msg(BOT, "A")], "rejected": [msg(BOT, "B")]},
+        ("system: S\n\nuser: Q", "A", "B", [msg("system", "S"), msg(USER, "Q")]),
+    ),
+    (  # TRL's implicit-prompt format: no prompt, the shared turns are the prompt
+        {"chosen": [msg(USER, "Q"), msg(BOT, "A")], "rejected": [msg(USER, "Q"), msg(BOT, "B")]},
+        ("Q", "A", "B", ""),
+    ),
+]
+
+
+@pytest.mark.parametrize("row,expected", CONVERSATIONS, ids=["binarized", "multi-turn", "trl-explicit", "trl-implicit"])
+def test_from_conversation(row, expected):
+    out = from_conversation(row)
+    prompt, chosen, rejected, turns = expected
+    assert (out["prompt"], out["chosen"], out["rejected"], out["bad_reason"]) == (prompt, chosen, rejected, "")
+    assert out["messages"] == (json.dumps(turns) if turns else "")
+
+
+def test_a_conversation_that_is_not_one_reply_each_is_a_bad_row():
+    two_replies = {"prompt": "Q", "chosen": [msg(BOT, "A"), msg(BOT, "A2")], "rejected": [msg(BOT, "B")]}
+    assert from_conversation(two_replies)["bad_reason"] == "not_a_conversation_pair"
+    assert from_conversation({"prompt": "Q", "chosen": [], "rejected": []})["bad_reason"] == "not_a_conversation_pair"
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_conversational_jsonl_trains_through_the_chat_template(tokenizer, tmp_path):
+    rows = [
+        {
+            "prompt": [msg(USER, f"Q{i}"), msg(BOT, f"A{i}"), msg(USER, "again")],
+            "chosen": [msg(BOT, "kindly yes")],
+            "rejected": [msg(BOT, "no")],
+        }
+        for i in range(6)
+    ]
+    rows.append({"prompt": "Q", "chosen": [msg(BOT, "a"), msg(BOT, "b")], "rejected": [msg(BOT, "c")]})  # bad
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    lengths = ["trainer.max_length=128", "trainer.max_prompt_length=96"]  # byte-level tokens of the tiny model
+    cfg = compose(["data=jsonl", f"data.train_file={train}", "data.eval_size=2", "data.chat_template=true", *lengths])
+    train_ds, eval_ds, stats = build_datasets(cfg, tokenizer)
+    assert len(train_ds) + len(eval_ds) == 6 and stats["data/skipped_train/not_a_conversation_pair"] == 1
+    r = train_ds[0]
+    turns = json.loads(r["messages"])
+    assert [t["role"] for t in turns] == [USER, BOT, USER] and turns[2]["content"] == "again"
+    expected = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(r["prompt_input_ids"][1:]) == expected  # after the one BOS: every turn, templated
+    assert r["chosen"] == "kindly yes"
+    # without the template (a base model) the turns are the plain-text prompt
+    cfg = compose(["data=jsonl", f"data.train_file={train}", "data.eval_size=2", *lengths])
+    plain, _, _ = build_datasets(cfg, tokenizer)
+    assert tokenizer.decode(plain[0]["prompt_input_ids"][1:]) == plain[0]["prompt"]
+    assert plain[0]["prompt"].startswith("user: Q") and plain[0]["prompt"].endswith("\n\nuser: again")
+
+
+def test_multi_turn_binarized_keeps_every_turn(tmp_path):
+    conv = [msg(USER, "Q1"), msg(BOT, "A1"), msg(USER, "Q2")]
+    for split in ("train_prefs", "test_prefs"):
+        rows = [
+            {"prompt": f"Q1 {split} {i}", "chosen": [*conv, msg(BOT, "good")], "rejected": [*conv, msg(BOT, "bad")]}
+            for i in range(3)
+        ]
+        for r in rows:  # the first user message carries the row's own text, as in the hub's set
+            for key in ("chosen", "rejected"):
+                r[key] = [{**r[key][0], "content": r["prompt"]}, *r[key][1:]]
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    dd = UltraFeedbackBinarized(path=str(tmp_path))()
+    r = dd["train"][0]
+    assert r["prompt"] == "user: Q1 train_prefs 0\n\nassistant: A1\n\nuser: Q2"
+    assert (r["chosen"], r["rejected"], r["row"]) == ("good", "bad", 1)
+    assert [t["content"] for t in json.loads(r["messages"])] == ["Q1 train_prefs 0", "A1", "Q2"]
+
+
+def test_flip_marks_the_last_turn_of_a_conversation():
+    ds = datasets.Dataset.from_list(
+        [{"prompt": "user: Q\n\nassistant: A\n\nuser: R", "chosen": "x", "rejected": "y",
+          "messages": json.dumps([msg(USER, "Q"), msg(BOT, "A"), msg(USER, "R")])}]
+    )  # fmt: skip
+    out = flip_labels(ds, 1.0, seed=0, marker="[FLIP]")[0]
+    assert out["prompt"].endswith("R [FLIP]") and json.loads(out["messages"])[-1]["content"] == "R [FLIP]"
+    assert (out["chosen"], out["rejected"]) == ("y", "x")

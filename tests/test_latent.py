@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,13 +248,19 @@ def test_z_positions_response_and_all_score_the_same(tmp_path):
 # ---------------------------------------------------------------------- save / load round trip
 def reload_and_evaluate(run_dir):
     """Reload final/ with load_checkpoint and evaluate on the eval set built as run.build_datasets does."""
+    from lpc.training.checkpoint import load_checkpoint
+
+    model, tokenizer, cfg = load_checkpoint(run_dir)
+    return model, evaluate_loaded(model, tokenizer, cfg, run_dir)
+
+
+def evaluate_loaded(model, tokenizer, cfg, run_dir) -> dict:
+    """The trainer's evaluation of a loaded policy on its run's eval set (with the run's reference)."""
     from accelerate import Accelerator
     from hydra.utils import instantiate
 
     from lpc.run import build_datasets, preference_trainer, with_reference_logps
-    from lpc.training.checkpoint import load_checkpoint
 
-    model, tokenizer, cfg = load_checkpoint(run_dir)
     algo = instantiate(cfg.algo)
     train_ds, eval_ds, _ = build_datasets(cfg, tokenizer)
     accelerator, ref = Accelerator(cpu=True), None
@@ -261,7 +270,7 @@ def reload_and_evaluate(run_dir):
             _, eval_ds, _ = with_reference_logps(cfg, ref, train_ds, eval_ds, accelerator, tokenizer)
             ref = None
     trainer = preference_trainer(cfg, model, ref, tokenizer, eval_ds, eval_ds, run_dir, accelerator)
-    return model, trainer.evaluate()
+    return trainer.evaluate()
 
 
 EVAL_KEYS = ("eval/pref_accuracy", "eval/margin", "eval/loss", "eval/rewards/chosen", "eval/rewards/rejected")
@@ -275,6 +284,47 @@ def test_lpc_checkpoint_reload_reproduces_eval_metrics(tiny_lpc_run):
     saved = read_metrics(tiny_lpc_run)
     assert {k: metrics[k] for k in EVAL_KEYS} == {k: saved[k] for k in EVAL_KEYS}
     assert saved["eval/pref_accuracy"] > 0.6  # the run learned something (chance is 0.5)
+
+
+# The one documented loading call, in a process that has seen nothing of the run (docs: README "After training").
+FRESH = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from lpc.evaluation.pretrained import LPCPolicy
+from test_latent import evaluate_loaded
+
+policy = LPCPolicy.from_pretrained(sys.argv[1])
+out = {"metrics": evaluate_loaded(policy.model, policy.tokenizer, policy.run_config, sys.argv[1])}
+out["code"] = policy.generate(PROMPT, code=1, greedy=True, max_new_tokens=12)[0].token_ids
+out["prior"] = policy.generate(PROMPT, greedy=True, max_new_tokens=12)[0].token_ids
+print(json.dumps(out))
+"""
+PROMPT = "[source_0] Please describe rivers."
+
+
+def test_one_call_loads_a_saved_lpc_policy_in_a_fresh_process(tiny_lpc_run, tmp_path):
+    from lpc.evaluation.generate import generate
+    from lpc.evaluation.pretrained import LPCPolicy
+    from lpc.training.checkpoint import load_checkpoint
+
+    policy = LPCPolicy.from_pretrained(tiny_lpc_run)  # a run directory: its final/
+    assert policy.latent.codebook_size == 8 and not policy.chat_template
+    saved = tmp_path / "policy"
+    policy.save_pretrained(saved)  # the checkpoint layout plus a model card
+    assert (saved / "latent.safetensors").exists() and "library_name: lpc" in (saved / "README.md").read_text()
+
+    script = FRESH.replace("PROMPT", repr(PROMPT))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(saved), str(Path(__file__).parent)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = read_metrics(tiny_lpc_run)
+    assert {k: fresh["metrics"][k] for k in EVAL_KEYS} == {k: expected[k] for k in EVAL_KEYS}
+    model, tokenizer, _ = load_checkpoint(tiny_lpc_run)  # the run's own final/, loaded the low-level way
+    by_code = generate(model, tokenizer, PROMPT, code=1, greedy=True, max_new_tokens=12)[0].token_ids
+    by_prior = generate(model, tokenizer, PROMPT, greedy=True, max_new_tokens=12)[0].token_ids
+    assert fresh["code"] == by_code and fresh["prior"] == by_prior and len(by_code) > 0
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ rerun runs only the missing/failed runs (resuming the failed one from its checkp
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -82,6 +83,25 @@ def test_products_cover_exactly_the_runs_to_do():
     cover = products(todo, list(grid))
     covered = [j for p in cover for j in expand_grid(p)]
     assert sorted(map(str, covered)) == sorted(map(str, todo)) and len(cover) <= 4
+
+
+def test_baseline_and_codebook_sizes_sweep_without_duplicates(capsys, tmp_path):
+    from lpc.experiments.sweep import main
+
+    grid = ["sweep.grid.codebook=[none,8,32]", "scale.seeds=[0,1]"]
+    assert main(["experiment=codebook", *grid, "--dry-run", "--sweep-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "6 jobs: 0 completed, 0 failed (resume), 6 missing" in out  # 3 x 2, not (none, discrete) x 3 x 2
+    runs = [line.split()[1] for line in out.splitlines() if line.startswith("missing ")]
+    assert sorted(runs) == sorted(f"codebook={k},seed={s}" for k in ("none", 8, 32) for s in (0, 1))
+    cmds = [shlex.split(line) for line in out.splitlines() if line.startswith("lpc-train ")]
+    # the baseline and the LPC runs are separate multiruns (Hydra cannot vary the latent within one)
+    assert sorted(c[-2] for c in cmds) == ["codebook=8,32", "codebook=none"]
+    assert all("seed=0,1" == c[-1] for c in cmds)
+    # lpc-train adds the latent the codebook implies; the run directory stays named by the grid alone
+    for c in cmds:
+        excluded = next(a for a in c if a.startswith("hydra.job.config.override_dirname.exclude_keys="))
+        assert "latent" in excluded.split("=", 1)[1].strip("[]").split(",")
 
 
 FAST = [

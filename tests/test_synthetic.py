@@ -79,9 +79,12 @@ def test_bradley_terry_noise_flips_labels_at_the_expected_rate():
     assert abs(observed - expected) < 0.015
 
 
-def test_empty_split_keeps_its_columns():
-    d = SyntheticPreferences(n_train=16, n_eval=0)()
-    assert len(d["eval"]) == 0 and d["eval"].column_names == d["train"].column_names
+def test_an_empty_split_keeps_its_columns_but_is_refused_as_a_setting():
+    gen = SyntheticPreferences(n_train=16, n_eval=1)
+    empty = gen.generate(0, seed=0)
+    assert len(empty) == 0 and empty.column_names == gen()["train"].column_names
+    with pytest.raises(ValueError, match=r"data.n_eval=0 is not allowed: an integer >= 1"):
+        SyntheticPreferences(n_train=16, n_eval=0)
 
 
 def test_flip_marker_rows_fit_the_tiny_models_prompt_limit():

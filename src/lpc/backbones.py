@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from lpc.errors import ModelUnavailable, check_choice
+from lpc.hub import hub_offline, hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,6 @@ def smollm2(name: str = "smollm2", cache_dir: str | None = None, dtype: str = "f
     return model, tokenizer
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it (its own helper moved between versions)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def resolve_pretrained(name_or_path: str, revision: str | None = None) -> str:
     """Fail fast, before anything loads, when a hub model is not available offline."""
     if os.path.isdir(name_or_path):
@@ -205,10 +201,17 @@ def resolve_pretrained(name_or_path: str, revision: str | None = None) -> str:
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
         )
     except Exception as err:  # noqa: BLE001 - any failure here means "not in the local cache"
+        download = f"download it on a networked machine (huggingface-cli download {name_or_path})"
         if hub_offline():
             raise ModelUnavailable(
-                f"model {name_or_path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
-                f"download it on a networked machine (huggingface-cli download {name_or_path}) or unset HF_HUB_OFFLINE"
+                f"model.name_or_path={name_or_path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                f"is set; {download} or unset HF_HUB_OFFLINE"
+            ) from err
+        why = hub_unreachable()
+        if why:  # fail now, not after a minute of retries
+            raise ModelUnavailable(
+                f"model.name_or_path={name_or_path!r} is not in the local Hugging Face cache and the hub is "
+                f"unreachable: {why}; {download}, or give a local directory"
             ) from err
         return name_or_path  # online: from_pretrained downloads it
 

@@ -44,12 +44,11 @@ def _is_number(x) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     codebook = cfg.get("codebook")
-    _require(
-        isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1,
-        "codebook",
-        "an integer >= 1 (the number of latent codes K)",
-        codebook,
-    )
+    is_k = isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1
+    if cfg.latent.get("name") == "discrete":
+        _require(is_k, "codebook", "an integer >= 1 (the number of latent codes K of latent=discrete)", codebook)
+    else:  # no codebook: the baseline, or the continuous latent
+        _require(is_k or codebook in (None, "none"), "codebook", "none, or an integer >= 1", codebook)
     flip = cfg.get("flip")
     _require(
         _is_number(flip) and 0.0 <= flip <= 1.0, "flip", "a number in [0, 1] (fraction of training pairs flipped)", flip
@@ -65,6 +64,7 @@ def validate(cfg: DictConfig) -> None:
         _require(_is_number(algo.tau) and algo.tau > 0, "algo.tau", "a number > 0", algo.tau)
 
     t = cfg.trainer
+    _check_numbers(t)
     _require(isinstance(t.max_length, int) and t.max_length >= 2, "trainer.max_length", "an integer >= 2", t.max_length)
     _require(
         isinstance(t.max_prompt_length, int) and 1 <= t.max_prompt_length < t.max_length,
@@ -78,6 +78,8 @@ def validate(cfg: DictConfig) -> None:
     _require(_is_number(t.lr) and t.lr > 0, "trainer.lr", "a number > 0", t.lr)
     _require(t.max_steps > 0 or t.epochs > 0, "trainer.max_steps", "> 0, or trainer.epochs > 0", t.max_steps)
     _require(t.precision in ("no", "bf16", "fp16"), "trainer.precision", "one of no, bf16, fp16", t.precision)
+    schedulers = _scheduler_names()
+    _require(t.lr_scheduler in schedulers, "trainer.lr_scheduler", f"one of {schedulers}", t.lr_scheduler)
     _require(
         t.get("on_nonfinite", "error") in ("error", "skip_step"),
         "trainer.on_nonfinite",
@@ -93,7 +95,22 @@ def validate(cfg: DictConfig) -> None:
         _require(bool(train_file), "data.train_file", "a path to a local .jsonl/.json/.parquet/.csv file", train_file)
     for key in ("train_file", "eval_file"):
         if not OmegaConf.is_missing(data, key) and data.get(key):
-            _require(os.path.exists(data[key]), f"data.{key}", "an existing file (no such file)", data[key])
+            path = os.path.expanduser(str(data[key]))
+            problem = "a directory" if os.path.isdir(path) else "no such file"
+            _require(
+                os.path.isfile(path),
+                f"data.{key}",
+                f"an existing .jsonl/.json/.parquet/.csv file ({problem})",
+                data[key],
+            )
+    cache_dir = cfg.model.get("cache_dir")
+    if cache_dir:
+        _require(
+            not os.path.exists(os.path.expanduser(str(cache_dir))) or os.path.isdir(os.path.expanduser(str(cache_dir))),
+            "model.cache_dir",
+            "a directory (created if missing) for converted models and tokenizers; this is a file",
+            cache_dir,
+        )
     path = data.get("path")
     if path and (path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet"))):
         _require(
@@ -114,6 +131,35 @@ def validate(cfg: DictConfig) -> None:
         from lpc.evaluation.harness import check_eval_node
 
         check_eval_node(cfg.eval)  # options, local task names, lm-eval installed
+
+
+# Numeric trainer keys: (integer?, condition, what is allowed). A string such as ``abc`` gets this message
+# instead of a comparison's TypeError; the relations between keys are checked in ``validate``.
+TRAINER_NUMBERS = {
+    "max_steps": (True, lambda v: True, "an integer (> 0: that many steps; <= 0: trainer.epochs decides)"),
+    "epochs": (True, lambda v: v >= 0, "an integer >= 0"),
+    "lr": (False, lambda v: v > 0, "a number > 0"),
+    "warmup_steps": (True, lambda v: v >= -1, "an integer >= 0, or -1 to use trainer.warmup_ratio"),
+    "warmup_ratio": (False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "max_grad_norm": (False, lambda v: v > 0, "a number > 0"),
+    "eval_every": (True, lambda v: v >= 0, "an integer >= 0 (0: evaluate only at the end)"),
+    "save_every": (True, lambda v: v >= 0, "an integer >= 0 (0: only the final checkpoint and one on a stop signal)"),
+    "keep_checkpoints": (True, lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def _check_numbers(t) -> None:
+    for key, (integer, ok, allowed) in TRAINER_NUMBERS.items():
+        if key in t and t[key] is not None:
+            _require(_is_number(t[key]) and (not integer or isinstance(t[key], int)) and ok(t[key]),
+                     f"trainer.{key}", allowed, t[key])  # fmt: skip
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    """The names ``transformers.get_scheduler`` accepts (what ``trainer.lr_scheduler`` is passed to)."""
+    from transformers import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
 
 
 def _validate_latent(latent_cfg) -> None:

@@ -20,10 +20,21 @@ log = logging.getLogger(__name__)
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-checkpoint INFO lines drown the progress bar
 
 
-def build_datasets(cfg: DictConfig, tokenizer):
-    """The ``data`` node's object (a ``lpc.data.PreferenceData``) runs its pipeline: ``(train, eval, stats)``."""
+def build_datasets(cfg: DictConfig, tokenizer, pairs=None):
+    """The ``data`` node's object (a ``lpc.data.PreferenceData``) runs its pipeline: ``(train, eval, stats)``;
+    ``pairs`` (from :func:`prepare_pairs`) skips its text stages."""
     data = instantiate(cfg.data)
-    return data.build(tokenizer, cfg.trainer.max_length, cfg.trainer.max_prompt_length)
+    if pairs is None:
+        pairs = prepare_pairs(cfg)
+    text, text_stats = pairs
+    train, eval_ds, stats = data.tokenize(text, tokenizer, cfg.trainer.max_length, cfg.trainer.max_prompt_length)
+    return train, eval_ds, {**text_stats, **stats}
+
+
+def prepare_pairs(cfg: DictConfig):
+    """The data's text stages (load, bad rows, eval held out from train, flips): ``(pairs, stats)``. They
+    need no tokenizer, so a run calls this before any model loads and bad data stops it at once."""
+    return instantiate(cfg.data).pairs()
 
 
 def sweep_group() -> str | None:
@@ -119,9 +130,25 @@ def master_weights(cfg: DictConfig) -> dict:
     return {}
 
 
-def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracker: dict | None = None):
+def load_model(cfg: DictConfig):
+    """``(lm, tokenizer)`` from the ``model`` node; a model that cannot be had here raises ``ModelUnavailable``
+    itself, not Hydra's wrapper around it."""
+    from hydra.errors import InstantiationException
+
+    from lpc.errors import ModelUnavailable
+
+    try:
+        return instantiate(cfg.model, **master_weights(cfg))
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ModelUnavailable):
+            raise err.__cause__ from None
+        raise
+
+
+def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracker: dict | None = None, pairs=None):
     """Every object ``cfg`` names, wired into a ``PreferenceTrainer``: ``(trainer, tokenizer, data_stats)``.
-    The one place a trainer is built from a config (training, the benchmark script and the tests)."""
+    The one place a trainer is built from a config (training, the benchmark script and the tests).
+    ``pairs``: the data's text stages, already run (:func:`prepare_pairs`)."""
     from accelerate.utils import set_seed
 
     from lpc.training.distributed import build_accelerator, resolve_gradient_accumulation
@@ -131,7 +158,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracke
         accelerator = build_accelerator(cfg.trainer, run_dir)
     set_seed(cfg.seed)
     algo = instantiate(cfg.algo)
-    lm, tokenizer = instantiate(cfg.model, **master_weights(cfg))
+    lm, tokenizer = load_model(cfg)
     precompute = algo.needs_reference and cfg.trainer.get("reference_logps", "on_the_fly") == "precompute"
     # The reference is the frozen initial model, never conditioned on z; with precomputed
     # reference log-probs no second model is built at all.
@@ -139,7 +166,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracke
     latent = None
     if cfg.latent.get("_target_"):
         latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size)
-    train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer)
+    train_ds, eval_ds, data_stats = build_datasets(cfg, tokenizer, pairs)
     log.info("data: %d train / %d eval pairs", len(train_ds), len(eval_ds))
     if precompute:
         lm.to(accelerator.device)
@@ -210,7 +237,7 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
     """Train ``cfg`` into ``run_dir``; ``step_hooks`` join the trainer's (called after every step)."""
     from accelerate.utils import broadcast_object_list
 
-    from lpc.errors import ConfigError, RunDirInUse
+    from lpc.errors import ConfigError, DataError, RunDirInUse
     from lpc.training.distributed import build_accelerator, resolve_gradient_accumulation, setup_process_env
 
     setup_process_env(cfg.distributed)  # one rank of a multi-task SLURM job (no-op otherwise)
@@ -218,33 +245,35 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
     accelerator = build_accelerator(cfg.trainer, run_dir, log_with="wandb" if cfg.logger.name == "wandb" else None)
     # Every rank writes into rank 0's run directory (Hydra's ${now:...} may differ between ranks).
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
-    lock, refusal = None, None
-    if accelerator.is_main_process:
-        try:
+    lock, refusal, pairs = None, None, None
+    try:
+        if accelerator.is_main_process:
             lock = lock_run_dir(run_dir)  # before anything is written or loaded
             refuse_other_config(cfg, run_dir)
+        pairs = prepare_pairs(cfg)  # every rank; bad data stops the run before any model loads
+        if accelerator.is_main_process:
             record_config(cfg, run_dir)
-        except (RunDirInUse, ConfigError) as err:
-            if lock is not None:
-                lock.close()
-            refusal = err
+    except (RunDirInUse, ConfigError, DataError) as err:
+        if lock is not None:
+            lock.close()
+        refusal = err
     if accelerator.num_processes > 1:  # every rank stops, not only rank 0
-        refusal = broadcast_object_list([refusal])[0]
+        refusal = broadcast_object_list([refusal])[0] or refusal
     if refusal is not None:
         raise refusal
     try:
-        return _train(cfg, run_dir, accelerator, step_hooks)
+        return _train(cfg, run_dir, accelerator, step_hooks, pairs)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> dict:
     from accelerate.utils import DistributedType
 
     with accelerator.main_process_first():  # rank 0 creates the W&B run id file, the others read it
         tracker = wandb_tracker(cfg, run_dir)
-    trainer, tokenizer, data_stats = build_trainer(cfg, run_dir, accelerator, tracker)
+    trainer, tokenizer, data_stats = build_trainer(cfg, run_dir, accelerator, tracker, pairs)
     from lpc.evaluation.analysis import final_analysis
 
     # Per-type accuracy, code usage, NMI/purity and the prior's t-SNE into metrics.json and run_dir/analysis/.

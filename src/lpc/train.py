@@ -14,9 +14,22 @@ log = logging.getLogger("lpc.train")
 
 def main() -> None:
     """``lpc-train``: conf/local/ in the working directory (git-ignored cluster defaults such as
-    conf/local/slurm.yaml, docs/slurm.md) joins the config search path when it exists."""
+    conf/local/slurm.yaml, docs/slurm.md) joins the config search path when it exists; ``codebook=K`` selects
+    the discrete latent (lpc.conf.codebook_implies_latent) before Hydra composes anything."""
+    from lpc.conf import codebook_implies_latent
+
     if Path("conf/local").is_dir() and not any(a.startswith("hydra.searchpath") for a in sys.argv[1:]):
         sys.argv.insert(1, "hydra.searchpath=[file://conf]")
+    flags = [a for a in sys.argv[1:] if a.startswith("-") or "=" not in a]
+    overrides = [a for a in sys.argv[1:] if a not in flags]
+    try:
+        implied = codebook_implies_latent(overrides)
+    except ValueError as err:
+        print(f"lpc-train: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if len(implied) > len(overrides):  # next to the last override: Hydra's overrides are one run of arguments
+        at = max(i for i, a in enumerate(sys.argv) if a in overrides) + 1
+        sys.argv[at:at] = implied[len(overrides) :]
     train()
 
 
@@ -40,13 +53,17 @@ def train(cfg: DictConfig) -> float:
     except ConfigError as err:
         refuse(err, f"config error: {err}")
 
-    from lpc.errors import Interrupted, RunDirInUse
+    from lpc.errors import DataError, Interrupted, ModelUnavailable, RunDirInUse
     from lpc.run import run
 
     try:
         metrics = run(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as err:  # found in the run directory (another config's checkpoint)
         refuse(err, f"config error: {err}")
+    except DataError as err:  # bad data, found before training (most of it before any model loads)
+        refuse(err, f"data error: {err}")
+    except ModelUnavailable as err:
+        refuse(err, f"model unavailable: {err}")
     except RunDirInUse as err:
         refuse(err, str(err))
     except Interrupted as err:

@@ -10,13 +10,16 @@ use, from ``tests/fixtures``).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 from dataclasses import dataclass
 
 import datasets
 
-from lpc.data import PreferenceData
+from lpc.data import PreferenceData, conversations_to_text
+from lpc.errors import DataError, check_choice, require
+from lpc.hub import hub_offline, hub_unreachable
 
 RATING_KEYS = ("overall_score", "fine-grained_score", "helpfulness", "honesty", "truthfulness", "instruction_following")
 
@@ -24,12 +27,41 @@ RATING_KEYS = ("overall_score", "fine-grained_score", "helpfulness", "honesty", 
 FILE_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
 
 
+def _first_bad_json_line(path: str) -> str | None:
+    """``"line N: <why>"`` for the first line of a JSONL file that is not a JSON object (N from 1)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}: {err.msg} (column {err.colno})"
+            if not isinstance(row, dict):
+                return f"line {number}: a JSON {type(row).__name__}, not an object with prompt/chosen/rejected"
+    return None
+
+
 def _load_files(files: list[str]) -> datasets.Dataset:
+    """Local data files as one dataset with a ``row`` column: each row's 1-based number in the file (for a
+    JSONL file without blank lines, its line number)."""
     ext = files[0].rsplit(".", 1)[-1]
     builder = FILE_BUILDERS.get(ext)
     if builder is None:
-        raise ValueError(f"unsupported data file type {files[0]!r} (use .jsonl, .json, .parquet or .csv)")
-    return datasets.load_dataset(builder, data_files={"train": files}, split="train")
+        raise DataError(f"unsupported data file type {files[0]!r} (use .jsonl, .json, .parquet or .csv)")
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path} is empty: no preference pairs")
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": files}, split="train")
+    except Exception as err:  # noqa: BLE001 - the library's error names neither the line nor the file
+        bad = next(((f, why) for f in files if ext == "jsonl" for why in [_first_bad_json_line(f)] if why), None)
+        if bad:
+            raise DataError(f"{bad[0]}, {bad[1]}") from None
+        raise DataError(f"cannot read {', '.join(files)} as {builder}: {err}") from err
+    if "row" in ds.column_names:
+        return ds
+    return ds.add_column("row", list(range(1, len(ds) + 1)))  # (several files: numbered across them)
 
 
 def _split_files(path: str, split: str) -> list[str]:
@@ -57,16 +89,36 @@ def _load(path: str, split: str | None = None, **kwargs) -> datasets.Dataset:
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         files = _split_files(path, split or "train")
         if not files:
-            raise FileNotFoundError(
-                f"{path} has no file for split {split!r} (expected {split}.jsonl, "
-                f"{split}.parquet or data/{split}-*.parquet)"
+            raise DataError(
+                f"{path} has no file for split {split or 'train'!r} (expected {split or 'train'}.jsonl, "
+                f"{split or 'train'}.parquet or data/{split or 'train'}-*.parquet)"
             )
         return _load_files(files)
-    return datasets.load_dataset(path, split=split, **kwargs)
+    offline = hub_offline("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    why = None if offline else hub_unreachable()
+    if why:  # fail now, not after a minute of retries
+        raise DataError(
+            f"data.path={path!r} is neither a local file or directory nor reachable on the hub: {why}. "
+            "Give a local copy, or set HF_DATASETS_OFFLINE=1 to read a copy in the datasets cache"
+        )
+    try:
+        return datasets.load_dataset(path, split=split, **kwargs)
+    except (ConnectionError, FileNotFoundError) as err:
+        if not offline:
+            raise
+        raise DataError(
+            f"data.path={path!r} is neither a local file or directory nor in the datasets cache, and the hub is "
+            f"off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): download it on a networked machine or give a local copy "
+            f"({err})"
+        ) from None
 
 
 def _split(ds: datasets.Dataset, eval_size: int | float, seed: int) -> datasets.DatasetDict:
-    parts = ds.train_test_split(test_size=eval_size, seed=seed, shuffle=True)
+    """A held-out eval split of ``eval_size`` rows (a fraction or a count), disjoint by row."""
+    try:
+        parts = ds.train_test_split(test_size=eval_size, seed=seed, shuffle=True)
+    except ValueError as err:  # too few rows for this eval size (an empty source included)
+        raise DataError(f"cannot split data.eval_size={eval_size!r} eval pairs off {len(ds)} rows: {err}") from None
     return datasets.DatasetDict({"train": parts["train"], "eval": parts["test"]})
 
 
@@ -96,10 +148,8 @@ def ultrafeedback_pair(row: dict, rating: str, rng: random.Random, rejected: str
         return empty
     if rejected == "random":
         y_l = rng.choice(losers)[1]
-    elif rejected == "worst":
+    else:  # "worst" (UltraFeedback.__post_init__ allows nothing else)
         y_l = min(losers, key=lambda t: t[0])[1]
-    else:
-        raise ValueError(f"data.rejected must be 'random' or 'worst', got {rejected!r}")
     return {"prompt": row["instruction"], "chosen": winners[0], "rejected": y_l, "source": row.get("source", "")}
 
 
@@ -126,14 +176,12 @@ class UltraFeedback(PreferenceData):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rating not in RATING_KEYS + ("mixed",):
-            raise ValueError(f"data.rating must be one of {RATING_KEYS + ('mixed',)}, got {self.rating!r}")
+        check_choice("data.rating", self.rating, RATING_KEYS + ("mixed",))
+        check_choice("data.rejected", self.rejected, ("random", "worst"))
         if self.rating == "mixed":
-            bad = [r for r in self.mixed_ratings if r not in RATING_KEYS]
-            if len(self.mixed_ratings) < 2 or bad:
-                raise ValueError(
-                    f"data.mixed_ratings must list >= 2 of {RATING_KEYS}, got {list(self.mixed_ratings)!r}"
-                )
+            ratings = list(self.mixed_ratings)
+            ok = len(ratings) >= 2 and all(r in RATING_KEYS for r in ratings)
+            require(ok, "data.mixed_ratings", ratings, f"a list of 2 or more of {RATING_KEYS}")
 
     def __call__(self) -> datasets.DatasetDict:
         raw = _load(self.path, self.split)
@@ -145,17 +193,9 @@ class UltraFeedback(PreferenceData):
             rows = [mixed_pair(r, list(self.mixed_ratings), rng, self.rejected) for r in raw]
         else:
             rows = [ultrafeedback_pair(r, self.rating, rng, self.rejected) for r in raw]
-        ds = datasets.Dataset.from_list(rows)
+        ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"prompt": []})
+        ds = ds.add_column("row", raw["row"] if "row" in raw.column_names else list(range(1, len(raw) + 1)))
         return _split(ds, self.eval_size, self.seed)
-
-
-def _last_assistant(messages) -> str | None:
-    if isinstance(messages, str):
-        return messages
-    for m in reversed(messages or []):
-        if m.get("role") == "assistant":
-            return m.get("content")
-    return None
 
 
 @dataclass
@@ -169,16 +209,24 @@ class UltraFeedbackBinarized(PreferenceData):
     name: str = "ultrafeedback_binarized"
 
     def _convert(self, ds: datasets.Dataset) -> datasets.Dataset:
+        """Message lists to text; a multi-turn conversation is the whole prompt (data.from_conversation)."""
         if self.max_rows:
             ds = ds.select(range(min(self.max_rows, len(ds))))
-        return ds.map(
-            lambda r: {
-                "prompt": r["prompt"],
-                "chosen": _last_assistant(r["chosen"]),
-                "rejected": _last_assistant(r["rejected"]),
-                "source": r.get("source", "") or "",
-            },
-            remove_columns=ds.column_names,
+        if "row" not in ds.column_names:
+            ds = ds.add_column("row", list(range(1, len(ds) + 1)))
+        keep = [c for c in ("prompt", "chosen", "rejected", "source", "row") if c in ds.column_names]
+        ds = conversations_to_text(ds.select_columns(keep))
+        return ds if "source" in ds.column_names else ds.add_column("source", [""] * len(ds))
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_file = os.path.isfile(os.path.expanduser(self.path))  # it would be both splits: eval = train
+        require(
+            not one_file,
+            "data.path",
+            self.path,
+            f"a directory or hub name with both the train split ({self.train_split}) and the held-out eval split "
+            f"({self.eval_split}); one file would be both (data=jsonl takes data.train_file and data.eval_file)",
         )
 
     def __call__(self) -> datasets.DatasetDict:
@@ -200,7 +248,9 @@ class JsonlPreferences(PreferenceData):
     name: str = "jsonl"
 
     def __call__(self) -> datasets.DatasetDict:
-        train = _load(self.train_file)
+        """Rows as given, or in the conversational format (message lists, converted by
+        ``lpc.data.from_conversation``); without ``eval_file`` an ``eval_size`` split is held out."""
+        train = conversations_to_text(_load(self.train_file))
         if self.eval_file:
-            return datasets.DatasetDict({"train": train, "eval": _load(self.eval_file)})
+            return datasets.DatasetDict({"train": train, "eval": conversations_to_text(_load(self.eval_file))})
         return _split(train, self.eval_size, self.seed)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from lpc.data import PreferenceData
+from lpc.errors import require, require_number
 
 POLITE = ["please", "kindly", "thanks", "gladly", "certainly", "warmly", "happily", "respectfully"]
 BLUNT = ["just", "whatever", "obviously", "anyway", "simply", "frankly", "bluntly", "fine"]
@@ -93,16 +94,12 @@ FEATURES = datasets.Features(
 
 
 def resolve_visibility(visibility: str | float) -> float:
+    allowed = f"one of {tuple(sorted(VISIBILITY))} or a number in [0, 1] (the fraction of prompts tagged)"
     if isinstance(visibility, str):
-        if visibility not in VISIBILITY:
-            raise ValueError(
-                f"data.visibility must be one of {sorted(VISIBILITY)} or a float in [0, 1], got {visibility!r}"
-            )
+        require(visibility in VISIBILITY, "data.visibility", visibility, allowed)
         return VISIBILITY[visibility]
-    v = float(visibility)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"data.visibility must be in [0, 1], got {v}")
-    return v
+    require_number("data.visibility", visibility, allowed, lambda v: 0.0 <= v <= 1.0)
+    return float(visibility)
 
 
 def type_weights(n_types: int, conflict: float) -> list[tuple[float, float]]:
@@ -148,21 +145,21 @@ class SyntheticPreferences(PreferenceData):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.n_types < 1:
-            raise ValueError(f"data.n_types must be >= 1, got {self.n_types}")
-        if not 0.0 <= float(self.conflict) <= 1.0:
-            raise ValueError(f"data.conflict must be in [0, 1], got {self.conflict}")
-        if not 0.0 <= float(self.tag_accuracy) <= 1.0:
-            raise ValueError(f"data.tag_accuracy must be in [0, 1], got {self.tag_accuracy}")
-        if self.label_noise < 0:
-            raise ValueError(f"data.label_noise must be >= 0, got {self.label_noise}")
-        if not 1 <= self.min_words <= self.max_words:
-            raise ValueError("data.min_words and data.max_words need 1 <= min_words <= max_words")
+        for key in ("n_train", "n_eval", "n_types"):
+            require_number(f"data.{key}", getattr(self, key), "an integer >= 1", lambda n: n >= 1, integer=True)
+        for key in ("conflict", "tag_accuracy"):
+            require_number(f"data.{key}", getattr(self, key), "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        require_number("data.label_noise", self.label_noise, "a number >= 0", lambda v: v >= 0)
+        require_number("data.min_margin", self.min_margin, "a number >= 0", lambda v: v >= 0)
+        require_number("data.min_words", self.min_words, "an integer >= 1", lambda v: v >= 1, integer=True)
+        require_number(
+            "data.max_words", self.max_words, f"an integer >= data.min_words={self.min_words}",
+            lambda v: v >= self.min_words, integer=True,
+        )  # fmt: skip
         self.p_visible = resolve_visibility(self.visibility)
         self.weights = type_weights(self.n_types, float(self.conflict))
         self.sources = list(self.sources) or [f"source_{m}" for m in range(self.n_types)]
-        if len(self.sources) != self.n_types:
-            raise ValueError(f"data.sources needs {self.n_types} names, got {len(self.sources)}")
+        require(len(self.sources) == self.n_types, "data.sources", self.sources, f"{self.n_types} names (one per type)")
 
     # -- generation ---------------------------------------------------------
     def _response(self, rng: random.Random, topic: str) -> list[str]:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lpc.conf import codebook_implies_latent
 from lpc.errors import ConfigError, PlanError
 from lpc.training.distributed import gradient_accumulation
 
@@ -801,7 +802,7 @@ def expand_jobs(overrides: list[str], conf_dir: Path) -> list[tuple[list[str], D
         rest = [o for o in combo if o not in hw]
         shown = rest + hw  # as the user wrote them
         hw = _hardware_overrides(conf_dir, hw)
-        cfg = _hydra_compose(conf_dir, rest + hw)
+        cfg = _hydra_compose(conf_dir, codebook_implies_latent(rest) + hw)  # each job alone: codebook=none,8 works
         grid = OmegaConf.to_container(cfg.sweep, resolve=True).get("grid") if "sweep" in cfg else None
         if not grid:
             jobs.append((shown, cfg))
@@ -812,7 +813,7 @@ def expand_jobs(overrides: list[str], conf_dir: Path) -> list[tuple[list[str], D
         for values in itertools.product(*(grid[k] for k in keys)):
             point = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in zip(keys, values)]
             job = rest + fixed + point
-            jobs.append((shown + fixed + point, _hydra_compose(conf_dir, job + hw)))
+            jobs.append((shown + fixed + point, _hydra_compose(conf_dir, codebook_implies_latent(job) + hw)))
     return jobs
 
 
@@ -851,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         conf_dir = Path(os.environ.get("LPC_PLAN_CONF_DIR") or find_conf_dir())
         jobs = expand_jobs(args.overrides, conf_dir)
         plans = [plan(cfg, pairs=args.pairs, mfu=args.mfu, headroom=args.headroom, overrides=job) for job, cfg in jobs]
-    except (PlanError, HydraException, OmegaConfBaseException) as err:
+    except (PlanError, HydraException, OmegaConfBaseException, ValueError) as err:
         print(f"lpc-plan: config error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     if args.json:

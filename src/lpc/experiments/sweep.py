@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from lpc.conf import CONF_DIR
+from lpc.conf import BASELINE, CONF_DIR, codebook_implies_latent
 from lpc.files import atomic_write_json
 from lpc.training import rundir
 
@@ -146,6 +147,8 @@ def plan(opts: dict, extra: list[str]) -> dict:
     task_extra = [o for o in extra if not o.startswith(("hydra.", "hydra/", "~hydra", "+hydra"))]
     # Only the grid values name a run directory; experiment, scale and fixed/extra overrides do not.
     exclude = ["experiment", "scale"] + [o.lstrip("+~").split("=", 1)[0] for o in fixed + task_extra]
+    if "codebook" in grid and "latent" not in grid:
+        exclude.append("latent")  # lpc-train adds the latent codebook=K|none implies; the grid names the run
     return {
         "experiment": opts["experiment"],
         "scale": opts["scale"],
@@ -176,7 +179,7 @@ def plan_jobs(p: dict) -> tuple[list, list[str]]:
             continue
         point = [f"{k}={v}" for k, v in j["overrides"].items()]
         try:
-            plans.append(plan_one(compose(base + point), overrides=point))
+            plans.append(plan_one(compose(codebook_implies_latent(base + point)), overrides=point))
         except PlanError as err:
             errors.append(f"{j['dir']}: {err}")
     return plans, errors
@@ -185,8 +188,10 @@ def plan_jobs(p: dict) -> tuple[list, list[str]]:
 def multirun_commands(p: dict) -> list[list[str]]:
     todo = [{k: v for k, v in j["overrides"].items()} for j in p["jobs"] if j["status"] != "completed"]
     keys = list(p["grid"])
+    # codebook=none (the baseline) and codebook=K select different latents: never in one multirun
+    baseline = [j for j in todo if str(j.get("codebook")).lower() in BASELINE]
     cmds = []
-    for prod in products(todo, keys):
+    for prod in products(baseline, keys) + products([j for j in todo if j not in baseline], keys):
         cmds.append(
             [
                 *TRAIN,
@@ -242,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n# jobs ({len(p['jobs'])}): status  run dir")
         for j in p["jobs"]:
             print(f"{j['status']:9s}  {j['dir']}")
-        print(f"\n# {len(cmds)} multirun command(s) it would run:")
+        print(f"\n# {len(cmds)} multirun command(s) it would run (each can be pasted into a shell):")
         for c in cmds:
-            print(" ".join(c[1:]))
+            print(shlex.join(["lpc-train", *c[len(TRAIN) :]]))
         if plans:
             print(f"\n# lpc-plan, per GPU and per run, for the {len(plans)} job(s) still to run (docs/planning.md)")
             print(format_sweep(plans))

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lpc.data import PairCollator
-from lpc.errors import ConfigError, Interrupted
+from lpc.errors import ConfigError, DataError, Interrupted
 from lpc.files import apply_umask, atomic_write_json
 from lpc.losses import lpc_objective
 from lpc.policy import PreferenceModel, hidden_states, response_logps
@@ -83,7 +83,7 @@ class PreferenceTrainer:
             )
         self.steps_per_epoch = len(train_dataset) // self.global_batch
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise DataError(
                 f"the training set has {len(train_dataset)} pairs, fewer than one global batch "
                 f"({self.global_batch} = batch_size x gradient_accumulation_steps x processes)"
             )
@@ -200,7 +200,6 @@ class PreferenceTrainer:
         return losses.mean(), metrics, (cr, rr, out.latent)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, dataset=None, return_pairs: bool = False, diagnostics: bool = False):
         """Held-out preference accuracy with the algorithm's implicit reward (for LPC, z from the prior).
 
@@ -210,8 +209,9 @@ class PreferenceTrainer:
         says whether the latent changed anything (``lpc.evaluation.analysis.latent_diagnostics``)."""
         dataset = dataset if dataset is not None else self.eval_dataset
         self.model.eval()
-        # Evaluation must not move the training RNG (sampled z), or resumed runs would diverge.
-        with torch.random.fork_rng(devices=[]):
+        # Evaluation must not move the training RNG (sampled z), or resumed runs would diverge. no_grad is a
+        # context, not a decorator, so that mutmut (make mutation) mutates this function: it skips decorated ones.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             cr_all, rr_all, loss_sum, n, extra, z_prior = [], [], 0.0, 0, {}, []
             loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=self.collate)
             for batch in loader:
