@@ -19,6 +19,7 @@ LAYERS = {
     "lpc.files": 0,
     "lpc.stats": 0,
     "lpc.hub": 0,
+    "lpc.progress": 0,
     "lpc.conf": 0,
     "lpc.losses": 1,
     "lpc.latent": 1,

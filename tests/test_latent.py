@@ -647,3 +647,22 @@ def test_lpc_simpo_and_ipo_losses_by_hand_through_the_trainer(algo, tmp_path):
     t.optimizer.step()
     torch.manual_seed(0)
     assert t.compute_loss(batch, progress=0.5)[0].item() < loss.item()
+
+
+def test_trl_logits_metrics_by_hand(tmp_path):
+    # TRL's logits/chosen and logits/rejected: the mean logit over the responses' tokens and the vocabulary,
+    # here recomputed from the full LM output with z added to every position's head input
+    t = make_trainer(["latent=discrete", "codebook=4"], tmp_path)
+    batch = first_batch(t)
+    t.model.eval()
+    with torch.no_grad():
+        _, metrics, (_, _, latent_out) = t.compute_loss(batch, progress=0.5, latent_mode="prior")
+        hidden = t.model.lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        z = torch.cat([latent_out.z, latent_out.z])
+        logits = t.model.lm.lm_head(hidden + z[:, None, :])[:, :-1]  # position t predicts token t+1
+    mask = batch["response_mask"][:, 1:]
+    half = logits.shape[0] // 2
+    for name, rows in (("chosen", slice(0, half)), ("rejected", slice(half, None))):
+        expected = logits[rows][mask[rows]].mean()  # (tokens, vocab) -> one number
+        assert metrics[f"logits/{name}"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert metrics["logits/chosen"].item() != pytest.approx(metrics["logits/rejected"].item())

@@ -127,3 +127,36 @@ def test_table1_shows_downstream_metrics_when_present_and_na_otherwise(tmp_path)
     assert "| tiny | dpo | 50.0 (n=1) | n/a |" in arc and "n/a: completed runs without this metric" in arc
     assert "| tiny | dpo | 25.0 (n=1) | n/a |" in md.split("### GSM8K exact_match (%)")[1]
     assert "| tiny | dpo | 60.0 (n=1) | 60.0 (n=1) | +0.0 |" in md.split("### Preference accuracy (%)")[1]
+
+
+def test_codebook_curve_tells_the_truth(tmp_path):
+    # a CPU-scale codebook sweep with the baseline: codebook none, 8, 32, 64 x seeds 0, 1
+    from lpc.experiments.report import SCALE_NOTE, aggregate, curve_figure, load_paper_numbers, read_sweep
+
+    grid = ["experiment=codebook", "sweep.grid.codebook=[none,8,32,64]", "scale.seeds=[0,1]"]
+    jobs = []
+    for k in ("none", "8", "32", "64"):
+        for seed in (0, 1):
+            run_dir = tmp_path / f"codebook={k},seed={seed}"
+            latent = "latent=none" if k == "none" else "latent=discrete"
+            cfg = compose([*grid, f"codebook={k}", latent, f"seed={seed}"])
+            (run_dir / ".hydra").mkdir(parents=True)
+            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+            acc = {"none": 0.60, "8": 0.70, "32": 0.74, "64": 0.72}[k] + 0.02 * seed
+            (run_dir / "metrics.json").write_text(json.dumps({"eval/pref_accuracy": acc, "status": "completed"}))
+            jobs.append({"overrides": {"codebook": k, "seed": str(seed)}, "dir": run_dir.name})
+    manifest = {"scale": "cpu", "grid": {"codebook": ["none", 8, 32, 64], "seed": [0, 1]}, "jobs": jobs}
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
+    sweep = read_sweep(tmp_path)
+    assert sweep["scale"] == "cpu" and not sweep["missing"]
+    fig = curve_figure(sweep, aggregate(sweep), load_paper_numbers(), "codebook")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "32", "64"]  # integer K ticks, as run
+    ours = ax.containers[0].lines[0]  # the errorbar's data line
+    assert list(ours.get_xdata()) == [8.0, 32.0, 64.0] and list(ours.get_ydata()) == [71.0, 75.0, 73.0]
+    levels = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert len(levels) == 1 and list(levels[0].get_ydata()) == [61.0, 61.0]  # codebook=none: mean of 60, 62
+    assert levels[0].get_color() == ours.get_color()  # one condition, one colour
+    spans = [p for p in ax.patches if p.get_label().startswith("paper: peak around K = 32-64")]
+    assert len(spans) == 1 and spans[0].get_x() == 32 and spans[0].get_width() == 32
+    assert [t.get_text() for t in fig.texts] == [SCALE_NOTE]

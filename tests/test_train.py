@@ -2,12 +2,15 @@
 gradients like a larger batch, trains the real SmolLM2 offline and logs to W&B offline."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, compose, read_metrics, run_train
+from conftest import FAST, REPO, SRC, compose, read_metrics, run_train
 
 TRL_TRAIN_KEYS = (
     "loss",
@@ -220,3 +223,71 @@ def test_smollm2_trains_offline(tmp_path):
     with safe_open(str(default_cache_dir() / "models" / "SmolLM2-135M-Instruct" / "model.safetensors"), "pt") as f:
         start = f.get_tensor("model.norm.weight")
     assert not torch.equal(lm.model.norm.weight.detach(), start)
+
+
+def wandb_records(run_file: Path):
+    """The records of an offline W&B run file (run-*.wandb): LevelDB-log framing (32 KiB blocks of
+    crc32/length/type chunks after a 7-byte header) around wandb's protobuf ``Record``s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf = run_file.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):  # full, first
+            buf = chunk
+        elif kind in (3, 4):  # middle, last
+            buf += chunk
+        else:
+            break
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+def test_wandb_run_holds_every_metric_and_is_named_by_its_overrides(tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [*FAST, "trainer.max_steps=10", "codebook=4", "logger=wandb", "logger.mode=offline"]
+    proc = subprocess.run(
+        [sys.executable, str(SRC / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(sweep / "0")
+    (run_file,) = (sweep / "0" / "wandb").glob("offline-run-*/run-*.wandb")
+    summary, history, names = {}, [], []
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "run":
+            names.append(record.run.display_name)
+    assert set(metrics) - set(summary) == set()  # train/*, data/*, latent diagnostics: all of metrics.json
+    for key in ("eval/pref_accuracy", "train/steps", "data/train_pairs", "eval/pref_accuracy/z_zero"):
+        assert summary[key] == metrics[key]
+    # a sweep job is named by its overrides (Hydra's override_dirname), not by its number
+    job = "codebook=4,data.n_eval=64,data.n_train=320,latent=discrete,logger.mode=offline,logger=wandb,"
+    job += "trainer.eval_every=0,trainer.log_every=10,trainer.max_steps=10,trainer.save_every=0"
+    assert names and names[-1] == job
+    logged = [h for h in history if "logits/chosen" in h]  # TRL's names, every log step
+    assert len(logged) == 1 and isinstance(logged[0]["logits/rejected"], float)
+
+
+def test_a_log_file_gets_timed_phase_lines_and_no_carriage_returns(tmp_path):
+    # stdout/stderr are pipes here, as in a SLURM log: no bar residue, a line per long phase instead
+    cache = {"LPC_CACHE_DIR": str(tmp_path / "cache")}  # an empty cache: the reference log-probs are computed
+    proc = run_train([*FAST, "trainer.max_steps=10", "codebook=4"], tmp_path / "run", env=cache)
+    out = proc.stdout + proc.stderr
+    assert "\r" not in out
+    for phase in ("reference log-probs: ", "final evaluation (", "final analysis (", "checkpoint step-10: done in"):
+        assert phase in out, out[-3000:]
+    assert f"export {tmp_path / 'run' / 'final'}: done in" in out

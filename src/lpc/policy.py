@@ -21,6 +21,7 @@ class PolicyOutput(NamedTuple):
     logps: torch.Tensor  # (2B,) summed response log-probs, chosen rows first
     n_tokens: torch.Tensor  # (2B,) number of scored response tokens
     latent: object | None  # the latent module's output (LatentOutput) or None
+    logit_sums: torch.Tensor | None = None  # (2B,) per row, the sum over response tokens of the mean logit
 
 
 def backbone_of(lm: nn.Module) -> nn.Module:
@@ -64,8 +65,11 @@ def response_logps(
     z: torch.Tensor | None = None,
     z_positions: str = "response",
     pre_norm: torch.Tensor | None = None,
+    with_logits: bool = False,
 ):
-    """Summed log-probs of the response tokens, computing logits only where they are scored.
+    """Summed log-probs of the response tokens, computing logits only where they are scored:
+    ``(sums, counts)``, and with ``with_logits`` a third tensor, each row's sum over its response tokens of
+    the mean logit over the vocabulary (TRL's ``logits/chosen`` is its total over the tokens' count).
 
     ``z`` (one row per sequence) is added to the hidden state before the LM head at
     the scored positions; unscored (prompt, padding) positions never reach the head.
@@ -94,6 +98,13 @@ def response_logps(
     n = hidden.shape[0]
     sums = torch.zeros(n, device=hidden.device, dtype=token_logps.dtype).index_add_(0, rows, token_logps)
     counts = torch.bincount(rows, minlength=n)
+    if with_logits:
+        mean_logit = logits.detach().mean(-1)
+        return (
+            sums,
+            counts,
+            torch.zeros(n, device=hidden.device, dtype=mean_logit.dtype).index_add_(0, rows, mean_logit),
+        )
     return sums, counts
 
 
@@ -136,19 +147,28 @@ class PreferenceModel(nn.Module):
         """``(hidden, pre_norm)`` of one backbone pass; ``pre_norm`` only when z enters before the final norm."""
         return encode(self.lm, batch, keep_pre_norm=getattr(self.latent, "z_injection", "head") == "pre_norm")
 
-    def score(self, hidden: torch.Tensor, batch: dict, z: torch.Tensor | None, pre_norm: torch.Tensor | None = None):
+    def score(
+        self,
+        hidden: torch.Tensor,
+        batch: dict,
+        z: torch.Tensor | None,
+        pre_norm: torch.Tensor | None = None,
+        with_logits: bool = False,
+    ):
         """Response log-probs given one z per pair (``(B, d)``, shared by y_w and y_l) or none."""
         if z is not None:
             z = torch.cat([z, z])
-        return response_logps(self.lm, hidden, batch, z, getattr(self.latent, "z_positions", "response"), pre_norm)
+        positions = getattr(self.latent, "z_positions", "response")
+        return response_logps(self.lm, hidden, batch, z, positions, pre_norm, with_logits)
 
     def forward(self, batch: dict, progress: float = 0.0, latent_mode: str = "train") -> PolicyOutput:
         hidden, pre_norm = self.encode(batch)
         latent_out = None
         if self.latent is not None:
             latent_out = self.latent(*self.latent_inputs(hidden, batch), progress=progress, mode=latent_mode)
-        logps, counts = self.score(hidden, batch, latent_out.z if latent_out is not None else None, pre_norm)
-        return PolicyOutput(logps, counts, latent_out)
+        z = latent_out.z if latent_out is not None else None
+        logps, counts, logit_sums = self.score(hidden, batch, z, pre_norm, with_logits=True)
+        return PolicyOutput(logps, counts, latent_out, logit_sums)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lpc.config import fingerprint
 from lpc.files import atomic_write_json
 from lpc.policy import PreferenceModel
+from lpc.progress import phase, quiet_library_bars
 from lpc.training import rundir
 from lpc.training.checkpoint import export_checkpoint
 
@@ -47,6 +48,16 @@ def sweep_group() -> str | None:
     return Path(HydraConfig.get().sweep.dir).name
 
 
+def run_name(run_dir: Path) -> str:
+    """A run's W&B name: in a sweep, the job's own overrides (``algo=dpo,codebook=8``), not its number."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().job.override_dirname or run_dir.name
+    return run_dir.name
+
+
 def wandb_tracker(cfg: DictConfig, run_dir: Path) -> dict | None:
     lg = cfg.logger
     if lg.name != "wandb":
@@ -59,7 +70,7 @@ def wandb_tracker(cfg: DictConfig, run_dir: Path) -> dict | None:
         "resume": "allow",
         "dir": str(run_dir),
         "mode": lg.mode,
-        "name": lg.get("run_name") or run_dir.name,
+        "name": lg.get("run_name") or run_name(run_dir),
         "group": lg.get("group") or sweep_group(),
         "tags": list(lg.get("tags") or []),
         "entity": lg.get("entity"),
@@ -177,6 +188,13 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracke
     return trainer, tokenizer, data_stats
 
 
+def plot_title(cfg: DictConfig) -> str:
+    """What a run's plots say about it: model, algorithm, latent, seed and scale (CPU scale is named as such)."""
+    scale = OmegaConf.select(cfg, "scale.name")
+    where = {"cpu": "CPU scale", "paper": "paper scale"}.get(scale, "single run")
+    return f"{cfg.model.name} {cfg.algo.name} LPC-{cfg.latent.name}, seed {cfg.seed}, {where}"
+
+
 def lock_run_dir(run_dir: Path):
     """Hold an exclusive lock on the run directory while this process trains in it. The kernel drops a
     flock when its process dies (kill -9 included), so a stale lock never needs cleaning up."""
@@ -241,6 +259,7 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
     from lpc.training.distributed import build_accelerator, resolve_gradient_accumulation, setup_process_env
 
     setup_process_env(cfg.distributed)  # one rank of a multi-task SLURM job (no-op otherwise)
+    quiet_library_bars()  # in a log file, the libraries' bars would leave carriage-return residue
     resolve_gradient_accumulation(cfg)  # from trainer.global_batch_size and the process count, if set
     accelerator = build_accelerator(cfg.trainer, run_dir, log_with="wandb" if cfg.logger.name == "wandb" else None)
     # Every rank writes into rank 0's run directory (Hydra's ${now:...} may differ between ranks).
@@ -278,16 +297,22 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> di
 
     # Per-type accuracy, code usage, NMI/purity and the prior's t-SNE into metrics.json and run_dir/analysis/.
     trainer.step_hooks.extend(step_hooks)
-    trainer.final_hooks.append(lambda t, pairs: final_analysis(t, run_dir / "analysis", pairs=pairs))
+    title = plot_title(cfg)
+    trainer.final_hooks.append(lambda t, pairs: final_analysis(t, run_dir / "analysis", pairs=pairs, title=title))
     metrics = trainer.train()
     metrics.update(data_stats)
     # Sharded weights (FSDP/ZeRO-3) are gathered by every rank, then rank 0 writes them.
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     full_state = accelerator.get_state_dict(trainer.model) if sharded else None
     if trainer.accelerator.is_main_process:
-        export_checkpoint(
-            trainer.accelerator.unwrap_model(trainer.model), tokenizer, cfg, run_dir / "final", state_dict=full_state
-        )
+        with phase(f"export {run_dir / 'final'}", log):
+            export_checkpoint(
+                trainer.accelerator.unwrap_model(trainer.model),
+                tokenizer,
+                cfg,
+                run_dir / "final",
+                state_dict=full_state,
+            )
         metrics["status"] = "completed"
         atomic_write_json(run_dir / "metrics.json", metrics)  # last: its presence means the run finished
         log.info(
@@ -303,4 +328,5 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> di
 
             # lm-eval benchmarks of the exported checkpoint; adds lm_eval/* keys to metrics.json.
             metrics.update(evaluate_checkpoint(run_dir / "final", load_eval_config(cfg.eval)))
+    trainer.finish_tracking(metrics)  # the W&B run's summary holds every metrics.json key
     return metrics

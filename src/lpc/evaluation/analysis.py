@@ -145,21 +145,30 @@ def embed_2d(x, method: str = "tsne", seed: int = 0) -> np.ndarray:
     return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))  # fewer than 2 codes: pad with zeros
 
 
-def plot_prior_embedding(prior_probs, sources, path, method: str = "tsne", title: str = "") -> Path:
-    """Figure 2 of the paper: the prior's code distributions in 2-D, one colour per source."""
+def plot_prior_embedding(
+    prior_probs, sources, path, method: str = "tsne", title: str = "", codes: list[int] | None = None
+) -> Path:
+    """Figure 2 of the paper: the prior's code distributions in 2-D, one colour per source; with ``codes``
+    (each pair's prior code) a second panel of the same points coloured by code, so two clean clusters
+    that all share one code are seen for what they are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xy = embed_2d(prior_probs, method)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    for i, s in enumerate(sorted(set(sources))):
-        idx = [j for j, x in enumerate(sources) if x == s]
-        ax.scatter(xy[idx, 0], xy[idx, 1], s=9, alpha=0.7, color=plt.cm.tab10(i % 10), label=s)
-    ax.set_title(title or f"prior p(z|x), {method.upper()}")
-    ax.set_xticks([]), ax.set_yticks([])
-    ax.legend(fontsize=7, markerscale=2, loc="best")
+    panels = [("source", [str(x) for x in sources])] + ([("prior code", [f"code {c}" for c in codes])] if codes else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (what, labels) in zip(axes[0], panels):
+        order = sorted(set(labels), key=lambda v: (len(v), v))  # code 2 before code 10
+        for i, s in enumerate(order):
+            idx = [j for j, x in enumerate(labels) if x == s]
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=9, alpha=0.7, color=plt.cm.tab10(i % 10), label=s)
+        ax.set_title(f"coloured by {what}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    fig.suptitle(title or f"prior p(z|x), {method.upper()}", fontsize=10)
+    fig.tight_layout()
     try:
         return atomic_save_figure(fig, path)
     finally:
@@ -195,9 +204,11 @@ def latent_report(
     out_dir: str | Path | None = None,
     prefix: str = "eval/",
     embedding: str = "tsne",
+    title: str = "",
 ) -> dict:
     """Scalar metrics (keys ``{prefix}...``) from ``evaluate(return_pairs=True)``'s ``pairs``; with
-    ``out_dir``, also writes ``prior_embedding.png`` and ``code_usage.png`` there (LPC runs only).
+    ``out_dir``, also writes ``prior_embedding.png`` and ``code_usage.png`` there (LPC runs only), with
+    ``title`` (the run: model, algorithm, K, seed, scale) on both.
 
     ``types`` are the true types (synthetic data); without them, ``sources`` stand in as the truth
     (e.g. UltraFeedback's six sources). The returned dict holds scalars only (for metrics.json and W&B);
@@ -243,12 +254,22 @@ def latent_report(
         if out_dir is not None:
             out_dir = Path(out_dir)
             colour = list(sources) if sources is not None else [f"{kind}_{t}" for t in (truth or [0] * n)]
-            plot_prior_embedding(probs, colour, out_dir / PLOT_FILES["prior_embedding"], method=embedding)
-            plot_code_usage(usage["histogram"], out_dir / PLOT_FILES["code_usage"])
+            k = f"K={probs.shape[1]}, {usage['used']} used"
+            plot_prior_embedding(
+                probs,
+                colour,
+                out_dir / PLOT_FILES["prior_embedding"],
+                method=embedding,
+                title=f"{title} ({k}): prior p(z|x), {embedding.upper()}".lstrip(" "),
+                codes=prior_code.tolist(),
+            )
+            plot_code_usage(usage["histogram"], out_dir / PLOT_FILES["code_usage"], title=f"{title} ({k})".lstrip())
     return out
 
 
-def final_analysis(trainer, out_dir: str | Path, embedding: str = "tsne", pairs: dict | None = None) -> dict:
+def final_analysis(
+    trainer, out_dir: str | Path, embedding: str = "tsne", pairs: dict | None = None, title: str = ""
+) -> dict:
     """The trainer's end-of-training hook: from the final evaluation's per-pair outputs, report
     against the eval set's ``type``/``source`` columns (when present), and log the plots to W&B."""
     if pairs is None:  # the trainer passes its final evaluation's pairs; evaluate only when called alone
@@ -257,7 +278,7 @@ def final_analysis(trainer, out_dir: str | Path, embedding: str = "tsne", pairs:
     types = list(ds["type"]) if "type" in ds.column_names else None
     sources = list(ds["source"]) if "source" in ds.column_names else None
     main = trainer.accelerator.is_main_process
-    metrics = latent_report(pairs, sources, types, out_dir if main else None)
+    metrics = latent_report(pairs, sources, types, out_dir if main else None, title=title)
     if "ceiling" in ds.column_names:  # synthetic data: the best achievable accuracy on this eval set
         metrics["eval/ceiling"] = float(np.mean(ds["ceiling"]))
     if "rating" in ds.column_names:  # mixed preferences: accuracy per labelling rating (the rebuttal's table)

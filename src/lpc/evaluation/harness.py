@@ -39,7 +39,7 @@ PAPER_METRICS = {
 TASK_ALIASES = {
     "paper": ["arc_challenge", "arc_easy", "gsm8k", "truthfulqa_gen", "mmlu"],
     "paper_local": ["arc_challenge_local", "arc_easy_local", "gsm8k_local", "truthfulqa_local", "mmlu_local"],
-    "local": ["arc_challenge_local", "arc_easy_local", "gsm8k_local", "truthfulqa_local"],
+    "local": ["arc_challenge_local", "arc_easy_local", "gsm8k_local", "truthfulqa_local", "mmlu_local"],
 }
 
 

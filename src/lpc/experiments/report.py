@@ -178,7 +178,18 @@ def read_sweep(sweep_dir: str | Path) -> dict:
         if job.get("_dir") in present_dirs or (job.get("_dir") is None and values in present_values):
             continue
         missing.append(values)
-    return {"sweep_dir": sweep_dir, "spec": spec, "grid": grid, "keys": keys, "runs": runs, "missing": missing}
+    scale = manifest.get("scale") if manifest else None
+    if scale is None:  # without a manifest: the runs' own scale config (None for a plain -m sweep)
+        scale = next((OmegaConf.select(r["cfg"], "scale.name") for r in runs if r["cfg"] is not None), None)
+    return {
+        "sweep_dir": sweep_dir,
+        "spec": spec,
+        "grid": grid,
+        "keys": keys,
+        "runs": runs,
+        "missing": missing,
+        "scale": scale,
+    }
 
 
 # ---------------------------------------------------------------------------- aggregation
@@ -310,8 +321,26 @@ def build_tables(sweep: dict, cells: dict, paper: dict) -> tuple[str, list[dict]
     return "\n".join(md), csv_rows
 
 
+SCALE_NOTE = "CPU scale: tiny model, synthetic data; not comparable with the paper's numbers"
+
+
 def plot_curve(sweep: dict, cells: dict, paper: dict, x_key: str, path: Path) -> bool:
-    """Preference accuracy (mean ± std over seeds) against ``x_key``, one line per column value."""
+    """``curve_figure`` saved to ``path``; False when there is nothing to draw."""
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(sweep, cells, paper, x_key)
+    if fig is None:
+        return False
+    try:
+        atomic_save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def curve_figure(sweep: dict, cells: dict, paper: dict, x_key: str):
+    """Preference accuracy (mean ± std over seeds) against ``x_key``, one line per column value, the paper's
+    series of a condition in its colour, a ``codebook=none`` cell as that condition's level; None if empty."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,50 +350,67 @@ def plot_curve(sweep: dict, cells: dict, paper: dict, x_key: str, path: Path) ->
     col_key = report.get("columns")
     row_keys = [k for k in sweep["keys"] if k not in ("seed", col_key)]
     if x_key not in row_keys:
-        return False
+        return None
     label = COLUMN_LABELS.get(col_key, {})
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    drawn = False
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    drawn, xs = False, set()
     for c in [value_str(v) for v in sweep["grid"][col_key]] if col_key else [""]:
-        pts, ref = [], []
+        pts, ref, baseline = [], [], None
         for (metric, row, col), cell in cells.items():
             if metric != "pref_accuracy" or col != c or not cell["n"]:
                 continue
             values = dict(zip(row_keys, row))
-            pts.append((float(values[x_key]), cell["mean"], cell["std"] or 0.0))
+            try:
+                x = float(values[x_key])
+            except ValueError:  # codebook=none: the baseline without a latent, drawn as a level, not a point
+                baseline = cell
+                continue
+            pts.append((x, cell["mean"], cell["std"] or 0.0))
             entry = paper_value(paper, sweep["spec"]["name"], metric, values | ({col_key: c} if col_key else {}))
             if entry and isinstance(entry["value"], (int, float)):
-                ref.append((float(values[x_key]), float(entry["value"]), entry.get("setting", "")))
+                ref.append((x, float(entry["value"]), entry.get("setting", "")))
         if not pts:
             continue
         pts.sort()
+        xs.update(p[0] for p in pts)
         name = label.get(c, c) or "ours"
-        ax.errorbar(
+        bars = ax.errorbar(
             [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=name
         )
+        colour = bars[0].get_color()  # the paper's series and the baseline of this condition share its colour
         if ref:
             ref.sort()
             setting = f" ({ref[0][2]})" if ref[0][2] else ""
             ax.plot(
-                [r[0] for r in ref], [r[1] for r in ref], "--", marker="x", alpha=0.7, label=f"paper {name}{setting}"
+                [r[0] for r in ref],
+                [r[1] for r in ref],
+                "--",
+                marker="x",
+                alpha=0.7,
+                color=colour,
+                label=f"paper {name}{setting}",
             )
+        if baseline is not None:
+            ax.axhline(baseline["mean"], ls=":", color=colour, label=f"{name}: no latent (codebook=none)")
         drawn = True
     if not drawn:
         plt.close(fig)
-        return False
+        return None
     if x_key == "codebook":
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(xs), [str(int(x)) for x in sorted(xs)])  # the K that ran, as integers
+        ax.minorticks_off()
+        if sweep["spec"]["name"] == "codebook":  # the paper (Sec. 4.3): accuracy peaks around K = 32-64
+            ax.axvspan(32, 64, color="grey", alpha=0.15, label="paper: peak around K = 32-64")
     ax.set_xlabel({"codebook": "codebook size K", "flip": "flip ratio"}.get(x_key, x_key))
     ax.set_ylabel("preference accuracy (%)")
     ax.set_title(f"{sweep['spec']['name']}: mean ± std over seeds")
+    if sweep.get("scale") == "cpu":  # not the paper's setting: say so on the figure itself
+        fig.text(0.01, 0.01, SCALE_NOTE, fontsize=7, color="firebrick", ha="left", va="bottom")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        atomic_save_figure(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
-    return True
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
 
 
 def latent_section(sweep: dict) -> str:

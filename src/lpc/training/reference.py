@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from lpc.progress import tracked
+
 log = logging.getLogger(__name__)
 VERSION = 1  # of response_logps' scoring; bump to invalidate every cached entry
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -95,7 +97,9 @@ def score(lm, ds, collate, accelerator, batch_size: int) -> torch.Tensor:
     lm.eval()
     mine = list(range(accelerator.process_index, len(ds), accelerator.num_processes))
     rows = []
-    for start in range(0, len(mine), batch_size):
+    for start in tracked(
+        range(0, len(mine), batch_size), "reference log-probs", log, enabled=accelerator.is_main_process
+    ):
         idx = mine[start : start + batch_size]
         batch = {k: v.to(accelerator.device) for k, v in collate([ds[i] for i in idx]).items()}
         with accelerator.autocast():

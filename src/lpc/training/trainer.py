@@ -34,6 +34,7 @@ from lpc.errors import ConfigError, DataError, Interrupted
 from lpc.files import apply_umask, atomic_write_json
 from lpc.losses import lpc_objective
 from lpc.policy import PreferenceModel, hidden_states, response_logps
+from lpc.progress import phase, tracked
 from lpc.training import rundir
 from lpc.training.distributed import build_accelerator
 from lpc.training.preemption import PreemptionGuard, StopGuard
@@ -197,6 +198,10 @@ class PreferenceTrainer:
                 "logps/rejected": out.logps[half:].detach().mean(),
             }
         )
+        if out.logit_sums is not None:  # TRL's: the mean logit over the responses' tokens and the vocabulary
+            n = out.n_tokens.detach()
+            metrics["logits/chosen"] = out.logit_sums[:half].sum() / n[:half].sum().clamp_min(1)
+            metrics["logits/rejected"] = out.logit_sums[half:].sum() / n[half:].sum().clamp_min(1)
         return losses.mean(), metrics, (cr, rr, out.latent)
 
     # ------------------------------------------------------------------ evaluation
@@ -214,7 +219,7 @@ class PreferenceTrainer:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             cr_all, rr_all, loss_sum, n, extra, z_prior = [], [], 0.0, 0, {}, []
             loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=self.collate)
-            for batch in loader:
+            for batch in tracked(loader, "evaluation", log, enabled=self.accelerator.is_main_process):
                 batch = self._to_device(batch)
                 loss, _, (cr, rr, lat) = self.compute_loss(batch, progress=1.0, latent_mode="prior")
                 cr_all.append(cr.float().cpu()), rr_all.append(rr.float().cpu())
@@ -284,6 +289,10 @@ class PreferenceTrainer:
         return rundir.latest_checkpoint(self.run_dir)
 
     def save_checkpoint(self):
+        with phase(f"checkpoint {rundir.checkpoint_name(self.step)}", log, self.accelerator.is_main_process):
+            self._save_checkpoint()
+
+    def _save_checkpoint(self):
         acc = self.accelerator
         tmp = self.ckpt_dir / f".tmp-{rundir.checkpoint_name(self.step)}"
         final = self.ckpt_dir / rundir.checkpoint_name(self.step)
@@ -350,6 +359,17 @@ class PreferenceTrainer:
         return False
 
     # ------------------------------------------------------------------ logging
+    def finish_tracking(self, summary: dict | None = None) -> None:
+        """Put ``summary`` (a run's whole metrics.json) into the W&B run's summary, then close the trackers.
+        The trackers only: accelerator.end_training() also destroys the process group, which the sharded
+        export (accelerator.get_state_dict under FSDP/ZeRO-3, lpc.run) may still need."""
+        if not self.tracker:
+            return
+        for tracker in self.accelerator.trackers:
+            if summary and tracker.name == "wandb":
+                tracker.run.summary.update(summary)
+            tracker.finish()
+
     def _log(self, metrics: dict):
         if self.accelerator.is_main_process:
             with open(self.run_dir / rundir.TRAIN_LOG, "a") as f:
@@ -505,7 +525,9 @@ class PreferenceTrainer:
                 )
         stop.restore()
         bar.close()
-        final, pairs = self.evaluate(return_pairs=True, diagnostics=True)
+        main = acc.is_main_process
+        with phase(f"final evaluation ({len(self.eval_dataset)} pairs, with the latent's ablations)", log, main):
+            final, pairs = self.evaluate(return_pairs=True, diagnostics=True)
         if not (resumed and start_step == self.total_steps):  # resumed from the final checkpoint: logged already
             self._log(final)
         final.update(
@@ -520,13 +542,9 @@ class PreferenceTrainer:
                 "train/wall_time_s": time.time() - start_time,
             }
         )
-        for hook in self.final_hooks:
-            final.update(hook(self, pairs))
+        with phase("final analysis (per-type accuracy, code usage, NMI, embedding plot)", log, main):
+            for hook in self.final_hooks:
+                final.update(hook(self, pairs))
         self.save_checkpoint()
         preemption.release()  # signalled during the final evaluation: requeue now, the rerun resumes here
-        if self.tracker:
-            # the trackers only: accelerator.end_training() also destroys the process group, which the sharded
-            # export after this (accelerator.get_state_dict under FSDP/ZeRO-3, lpc.run) still needs
-            for tracker in acc.trackers:
-                tracker.finish()
         return final
