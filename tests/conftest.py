@@ -22,6 +22,29 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+
+def _warm_up_for_mutation_testing() -> None:
+    """`make mutation` (mutmut) forks one process per mutant from a server that has imported this file. The
+    imports a test would otherwise pay in every fork (transformers' Llama, scikit-learn, matplotlib, accelerate:
+    ~4 s of a 0.3 s test) are done here once; none of this code is mutated."""
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import sklearn.manifold  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import transformers
+
+    transformers.LlamaConfig, transformers.LlamaForCausalLM, transformers.PreTrainedTokenizerFast  # noqa: B018
+    import lpc.backbones  # noqa: F401
+    import lpc.run  # noqa: F401
+
+    compose([])  # hydra's first compose parses the config tree
+    # No torch operation here: a fork after torch's thread pool has started hangs in the child.
+
+
 # Small, fast settings for a tiny training run (~5-10 s).
 FAST = [
     "trainer.max_steps=40",
@@ -96,3 +119,7 @@ def tiny_lpc_acting_run(tmp_path_factory) -> Path:
     # over 600 steps that sends an LPC run down a visibly different trajectory.
     run_train(ACTING, run_dir, env={"OMP_NUM_THREADS": "1"})
     return run_dir
+
+
+if "MUTANT_UNDER_TEST" in os.environ:  # set by mutmut only
+    _warm_up_for_mutation_testing()
