@@ -191,6 +191,15 @@ def fmt_ratio(a, b, target):
     return f"{r:.2f} (target <= {target}: {'met' if r <= target else 'NOT met'})"
 
 
+def git_commit() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO).returncode != 0
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def write_report(results: dict, out: Path, command: str, models, steps, warmup) -> None:
     lines = [
         "# Benchmarks",
@@ -198,6 +207,8 @@ def write_report(results: dict, out: Path, command: str, models, steps, warmup) 
         "Written by `make bench` (benchmarks/speed.py); numbers from one run on the machine below.",
         "",
         f"Command: `{command}`",
+        "",
+        f"Commit: `{git_commit()}` (the code measured)",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
         f"load average at the end {os.getloadavg()[0]:.1f}.",

@@ -39,15 +39,10 @@ METRICS = (
 )
 
 
-def read_run(run_dir: Path) -> dict | None:
-    """A completed run's data setting, method, seed and metrics (``lpc.training.rundir`` reads the files)."""
-    cfg = rundir.load_config(run_dir)
-    if cfg is None or rundir.status(run_dir) != "completed":
-        return None
-    metrics = rundir.load_metrics(run_dir)
-    overrides = rundir.load_overrides(run_dir)
+def data_setting(cfg) -> dict:
+    """The data setting of a composed run config: what a table's title (:func:`setting_title`) shows."""
     flip = float(cfg.flip)
-    data = {
+    return {
         "n_types": int(cfg.data.n_types),
         "conflict": float(cfg.data.conflict),
         "visibility": str(cfg.data.visibility),
@@ -57,6 +52,16 @@ def read_run(run_dir: Path) -> dict | None:
         "flip_marker": (cfg.data.get("flip_marker") or "none") if flip > 0 else None,
         "steps": int(cfg.trainer.max_steps),
     }
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """A completed run's data setting, method, seed and metrics (``lpc.training.rundir`` reads the files)."""
+    cfg = rundir.load_config(run_dir)
+    if cfg is None or rundir.status(run_dir) != "completed":
+        return None
+    metrics = rundir.load_metrics(run_dir)
+    overrides = rundir.load_overrides(run_dir)
+    data = data_setting(cfg)
     latent_opts = sorted(o for o in overrides if o.startswith(("latent.", "codebook=")))
     method = {"algo": str(cfg.algo.name), "latent": str(cfg.latent.name), "options": latent_opts}
     return {"data": data, "method": method, "seed": int(cfg.seed), "metrics": metrics, "dir": str(run_dir)}
