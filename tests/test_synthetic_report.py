@@ -1,0 +1,68 @@
+"""lpc.experiments.synthetic (lpc-synthetic-report) on five hand-made runs: the cells, the paired difference and
+the title of docs/synthetic-benchmark.md's tables, computed by hand (t quantile t_0.975,1 = 12.7062)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose
+from lpc.experiments.synthetic import main
+
+HEADLINE = ["experiment=synthetic_benchmark", "data.conflict=1.0", "data.visibility=always"]
+
+
+def fake_run(root, name, overrides, metrics, status="completed"):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose(HEADLINE + overrides), run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(HEADLINE + overrides), run / ".hydra" / "overrides.yaml")
+    (run / "metrics.json").write_text(json.dumps({"status": status, **metrics}))
+
+
+def lpc_metrics(acc, shuffled, flips, entropy, codes, nmi):
+    return {
+        "eval/pref_accuracy": acc,
+        "eval/ceiling": 1.0,
+        "eval/pref_accuracy/z_shuffled": shuffled,
+        "eval/pref_accuracy/z_posterior": 1.0,
+        "eval/latent/decisions_changed": flips,
+        "eval/latent/prior_entropy_normalized": entropy,
+        "eval/codes_used": codes,
+        "eval/nmi": nmi,
+        "eval/nmi_chance": 0.1,
+    }
+
+
+def test_report_tables_by_hand(tmp_path, capsys):
+    root = tmp_path / "runs"
+    fake_run(root, "dpo0", ["latent=none", "seed=0"], {"eval/pref_accuracy": 0.80, "eval/ceiling": 1.0})
+    fake_run(root, "dpo1", ["latent=none", "seed=1"], {"eval/pref_accuracy": 0.90, "eval/ceiling": 1.0})
+    fake_run(root, "lpc0", ["latent=discrete", "seed=0"], lpc_metrics(0.90, 0.7, 0.1, 0.5, 2, 0.9))
+    fake_run(root, "lpc1", ["latent=discrete", "seed=1"], lpc_metrics(0.96, 0.8, 0.2, 0.7, 4, 1.0))
+    fake_run(root, "lr10", ["latent=discrete", "latent.lr_multiplier=10", "seed=0"], lpc_metrics(0.95, 0.6, 0, 1, 1, 0))
+    fake_run(root, "unfinished", ["latent=discrete", "seed=2"], {"eval/pref_accuracy": 0.1}, status="running")
+    assert main([str(root), "--out", str(tmp_path / "out"), "--command", "make benchmark-synthetic"]) == 0
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert md.startswith("5 completed runs, made by `make benchmark-synthetic`.\n\n**2 types, conflict 1, tag always, ")
+    assert "600 steps**" in md.splitlines()[2]
+    rows = [ln for ln in md.splitlines() if ln.startswith("| DPO") or ln.startswith("| LPC")]
+    # DPO: mean 85.0, s = 0.0707, ci = 12.7062 x 0.0707 / sqrt 2 = 63.5 (points); the ceiling is 1.0 twice
+    # LPC: 93.0 ± 12.7062 x 3.0; paired differences 10 and 6 points: +8.0 ± 12.7062 x 2.0, t = 4 on 1 degree of
+    # freedom: p = 1 - 2 atan(4) / pi = 0.156; the other cells likewise (NMI and entropy unscaled, 2 digits)
+    # lr10 (one seed): values alone, its difference to DPO's seed 0 is +15.0 points with no interval
+    assert rows == [
+        "| DPO | 2 | 85.0 ± 63.5 | 100.0 ± 0.0 | - | - | - | - | - | - | - |",
+        "| LPC-DPO | 2 | 93.0 ± 38.1 | 100.0 ± 0.0 | +8.0 ± 25.4, p = 0.16 | 75.0 ± 63.5 | 15.0 ± 63.5 | 100.0 ± 0.0 "
+        "| 0.60 ± 1.27 | 3.0 ± 12.7 | 0.95 ± 0.64 (0.10 ± 0.00) |",
+        "| LPC-DPO [latent.lr_multiplier=10] | 1 | 95.0 | 100.0 | +15.0 | 60.0 | 0.0 | 100.0 | 1.00 | 1.0 | 0.00 (0.10) |",
+    ]
+    rows_json = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    lpc = next(r for r in rows_json if r["method"] == {"algo": "dpo", "latent": "discrete", "options": []})
+    assert lpc["seeds"] == [0, 1] and lpc["values"]["eval/pref_accuracy"] == {"0": 0.90, "1": 0.96}
+    assert lpc["vs_baseline"]["mean_diff"] == pytest.approx(0.08) and lpc["vs_baseline"]["p_value"] == pytest.approx(
+        1 - 2 * math.atan(4) / math.pi
+    )
