@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,37 @@ def test_every_command_opens_a_sweep_run_whose_name_has_equals_and_commas(tiny_l
     assert "bogus" in err.out + err.err
     assert steering.main([str(run), "prompts=bogus"]) == 2
     assert "prompts='bogus' is not allowed" in capsys.readouterr().err
+
+
+def test_a_sweep_directory_runs_each_command_once_per_completed_run(tiny_lpc_run, tmp_path, capsys):
+    import shutil
+
+    from lpc.evaluation import export, harness, steering
+    from lpc.training import rundir
+
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        run = sweep / f"codebook=8,seed={seed}"
+        shutil.copytree(tiny_lpc_run / "final", run / "final")
+        shutil.copy(tiny_lpc_run / "metrics.json", run / "metrics.json")
+    (sweep / "codebook=8,seed=2").mkdir()  # a run that never finished: skipped
+    assert [p.name for p in rundir.run_dirs(sweep)] == ["codebook=8,seed=0", "codebook=8,seed=1"]
+
+    assert export.main([str(sweep), "format=alpaca_eval", "limit=1", "max_new_tokens=2"]) == 0
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 2
+    for seed in (0, 1):
+        out = sweep / f"codebook=8,seed={seed}" / "eval" / "alpaca_eval" / "model_outputs.json"
+        assert len(json.loads(out.read_text())) == 1
+    assert export.main([str(sweep), "format=alpaca_eval", f"out={tmp_path / 'one.json'}"]) == 2  # two runs, one file
+    assert "leave out= unset" in capsys.readouterr().err
+
+    assert steering.main([str(sweep), "prompts=2", "samples=1", "max_new_tokens=2"]) == 0
+    assert all((sweep / f"codebook=8,seed={s}" / "analysis" / "steering.json").exists() for s in (0, 1))
+
+    assert harness.main([str(sweep), "tasks=arc_easy_local", "limit=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# ") == 2 and out.count("lm_eval/arc_easy_local/acc=") == 2
+    for seed in (0, 1):
+        metrics = json.loads((sweep / f"codebook=8,seed={seed}" / "metrics.json").read_text())
+        assert metrics["lm_eval/arc_easy_local/n_samples"] == 2 and "eval/pref_accuracy" in metrics

@@ -24,6 +24,19 @@ def is_option(arg: str) -> bool:
     return "=" in arg and not Path(arg).exists()
 
 
+def runs_of(path: str | Path) -> list[Path]:
+    """What a post-training command works on: ``path`` itself when it is a run directory or a checkpoint,
+    else, for a sweep directory, each of its completed runs (a command then runs once per run)."""
+    from lpc.training import rundir
+
+    path = Path(path)
+    own = ("config.json", rundir.FINAL, ".hydra", rundir.METRICS)
+    if any((path / name).exists() for name in own):
+        return [path]
+    runs = [d for d in rundir.run_dirs(path) if rundir.status(d) == "completed"]
+    return runs or [path]  # neither: the command's own error names the path
+
+
 def require_lm_eval():
     """Import and return the ``lm_eval`` package, or raise :class:`MissingExtra` saying what to install."""
     try:

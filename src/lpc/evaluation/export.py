@@ -13,6 +13,7 @@
   conversation. Default out: ``<run>/eval/mt_bench/model_answer/<model_id>.jsonl`` (copy it to FastChat's
   ``data/mt_bench/model_answer/`` and run its judge).
 
+CHECKPOINT may also be a sweep directory: one file per completed run, at each run's default ``out``.
 Without ``questions=``, tiny question files shipped in ``lpc/evaluation/questions/`` are used (for a
 smoke test). Every prompt is the conversation in the tokenizer's chat template with exactly one BOS
 (``lpc.data.encode_prompt``); LPC checkpoints generate with z from the prior of that prompt (``lpc.evaluation.generate``).
@@ -32,7 +33,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from lpc.errors import ExportError  # noqa: F401  (raised here; defined with the others)
-from lpc.evaluation import QUESTIONS_DIR, is_option
+from lpc.evaluation import QUESTIONS_DIR, is_option, runs_of
 from lpc.files import atomic_write_text
 
 FORMATS = ("alpaca_eval", "mt_bench")
@@ -184,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                 OmegaConf.merge(OmegaConf.structured(ExportConfig), OmegaConf.from_dotlist(argv[1:]))
             )
         )
-        path = export(argv[0], cfg)
+        runs = runs_of(argv[0])  # a sweep directory: one answers file per completed run
+        if len(runs) > 1 and cfg.out:
+            raise ExportError(f"out={cfg.out}: a sweep has {len(runs)} runs; leave out= unset (one file per run)")
+        paths = [export(run, cfg) for run in runs]
     except OmegaConfBaseException as err:
         print(
             f"error: option {getattr(err, 'full_key', '?')!r}: {str(err).splitlines()[0]} "
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 

@@ -3,7 +3,8 @@
     lpc-evaluate CHECKPOINT tasks=arc_challenge_local,arc_easy_local,gsm8k_local,truthfulqa_local [limit=N]
     lpc-evaluate outputs/runs/.../my_run tasks=paper batch_size=16        # hub tasks (cluster)
 
-CHECKPOINT is a run directory (its ``final/`` is loaded) or a checkpoint directory. LPC checkpoints run the
+CHECKPOINT is a run directory (its ``final/`` is loaded), a checkpoint directory, or a sweep directory (every
+completed run in it, each into its own metrics.json; then ``lpc-report SWEEP`` tables them). LPC checkpoints run the
 LPC-conditioned policy (z from the prior; see ``lpc.evaluation.lm_eval_model``). Every numeric metric lands in
 the run's ``metrics.json`` as ``lm_eval/<task>/<metric>`` (``.../<metric>/<filter>`` for filtered metrics
 such as GSM8K's), plus ``lm_eval/<task>/n_samples``; existing keys are kept. The paper's headline metric of
@@ -260,28 +261,35 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\noptions (key=value): " + ", ".join(EvalConfig.__dataclass_fields__))
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from lpc.errors import ConfigError
-    from lpc.evaluation import MissingExtra
+    from lpc.evaluation import MissingExtra, runs_of
 
-    checkpoint, options = Path(argv[0]), argv[1:]
+    runs, options = runs_of(argv[0]), argv[1:]
     try:
         cfg = load_eval_config(dotlist=options)
         if not cfg.tasks:
             raise ConfigError(
                 "tasks: give at least one task, e.g. tasks=local (= " + ",".join(TASK_ALIASES["local"]) + ")"
             )
-        if not run_dir_of(checkpoint)[1].joinpath("config.json").exists():
-            raise ConfigError(f"CHECKPOINT={checkpoint}: not a run directory or checkpoint (no config.json)")
+        for checkpoint in runs:
+            if not run_dir_of(checkpoint)[1].joinpath("config.json").exists():
+                raise ConfigError(
+                    f"CHECKPOINT={checkpoint}: not a run directory, a checkpoint or a sweep with completed runs "
+                    "(no config.json)"
+                )
         require_lm_eval()
     except (ConfigError, MissingExtra) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        flat = evaluate_checkpoint(checkpoint, cfg)
-    except (ConfigError, MissingExtra) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for key, value in sorted(paper_metrics(flat).items()):
-        print(f"{key}={value:.4f}")
+    for checkpoint in runs:  # a sweep directory: every completed run, each into its own metrics.json
+        try:
+            flat = evaluate_checkpoint(checkpoint, cfg)
+        except (ConfigError, MissingExtra) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if len(runs) > 1:
+            print(f"# {checkpoint}")
+        for key, value in sorted(paper_metrics(flat).items()):
+            print(f"{key}={value:.4f}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
     lpc-steer RUN [prompts=32] [samples=4] [max_new_tokens=16] [seed=0]
 
-RUN is a run directory (or its ``final/``) of an LPC model trained on ``data=synthetic``, whose
+RUN is a run directory (or its ``final/``; a sweep directory: each completed run) of an LPC model trained on
+``data=synthetic``, whose
 generator gives every type's ground-truth reward of any text (``lpc.data.synthetic.type_rewards``).
 For every code k, the policy generates ``samples`` responses to each of ``prompts`` untagged prompts
 with z = e_k (so only the code, not a source tag, can steer it), and every response is scored by every
@@ -27,7 +28,7 @@ import torch
 from lpc.data import encode_prompt
 from lpc.data.synthetic import TOPICS, VERBS, type_rewards
 from lpc.errors import SteeringError  # noqa: F401  (raised here; defined with the others)
-from lpc.evaluation import is_option
+from lpc.evaluation import is_option, runs_of
 from lpc.policy import conditioned_on
 
 
@@ -197,7 +198,9 @@ def markdown(result: dict) -> str:
 def _parse(argv: list[str]) -> tuple[Path, SteeringOptions]:
     positional = [a for a in argv if not is_option(a)]
     if len(positional) != 1:
-        raise SteeringError(f"expected exactly one RUN (a run directory or its final/), got {positional}")
+        raise SteeringError(
+            f"expected exactly one RUN (a run directory, its final/, or a sweep directory), got {positional}"
+        )
     kinds = {f.name: f.type for f in dataclasses.fields(SteeringOptions)}
     opts = {}
     for arg in argv:
@@ -217,30 +220,40 @@ def _parse(argv: list[str]) -> tuple[Path, SteeringOptions]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lpc.files import atomic_write_json, atomic_write_text
-
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0 if argv else 2
     try:
         path, opts = _parse(argv)
-        from lpc.training.checkpoint import load_checkpoint
-
-        model, tokenizer, cfg = load_checkpoint(path)
-        if cfg is None or cfg.data.get("name") != "synthetic":
-            raise SteeringError(f"{path} was not trained on data=synthetic: no ground-truth type rewards to score with")
-        sources = list(cfg.data.get("sources") or []) or None
-        result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), opts, sources)
     except (SteeringError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for run in runs_of(path):  # a sweep directory: every completed run
+        try:
+            table = steer_run(run, opts)
+        except (SteeringError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(table)
+    return 0
+
+
+def steer_run(path: Path, opts: dict) -> str:
+    """The steering table of one run, written to its analysis/ folder; returns it as markdown."""
+    from lpc.files import atomic_write_json, atomic_write_text
+    from lpc.training.checkpoint import load_checkpoint
+
+    model, tokenizer, cfg = load_checkpoint(path)
+    if cfg is None or cfg.data.get("name") != "synthetic":
+        raise SteeringError(f"{path} was not trained on data=synthetic: no ground-truth type rewards to score with")
+    sources = list(cfg.data.get("sources") or []) or None
+    result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), opts, sources)
     run_dir = path.parent if path.name == "final" else path
     table = markdown(result)
     atomic_write_json(run_dir / "analysis" / "steering.json", result)
     atomic_write_text(run_dir / "analysis" / "steering.md", table)
-    print(table)
-    return 0
+    return table
 
 
 if __name__ == "__main__":

@@ -96,13 +96,6 @@ def log_tail(run_dir: Path, n: int = LOG_TAIL) -> list[str]:
     return [ln[-300:] for ln in lines[-n:]]
 
 
-def find_run_dirs(sweep_dir: Path) -> list[Path]:
-    found = {p.parents[1] for p in sweep_dir.glob("**/.hydra/config.yaml")}
-    found |= {p.parents[1] for p in sweep_dir.glob("**/final/lpc_config.yaml")}
-    found |= {p.parent for p in sweep_dir.glob("**/metrics.json")}
-    return sorted(d for d in found if ".submitit" not in d.parts)
-
-
 def inferred_spec(sweep_dir: Path, runs: list[dict]) -> dict | None:
     """The grid of a plain ``python src/train.py -m key=a,b ...`` sweep (no experiment config): the
     command-line keys (each run's ``.hydra/overrides.yaml``) whose values differ between runs, with
@@ -141,7 +134,7 @@ def read_sweep(sweep_dir: str | Path) -> dict:
         else None
     )
     runs, spec = [], None
-    for run_dir in find_run_dirs(sweep_dir):
+    for run_dir in rundir.run_dirs(sweep_dir):
         cfg = rundir.load_config(run_dir)
         if cfg is not None and spec is None and "sweep" in cfg:
             spec = OmegaConf.to_container(cfg.sweep, resolve=True)

@@ -117,6 +117,16 @@ def status(run_dir: str | Path) -> str:
     return "incomplete" if checkpoints(run_dir, complete_only=False) else "failed"
 
 
+def run_dirs(sweep_dir: str | Path) -> list[Path]:
+    """The run directories under a sweep directory (any depth: Hydra's numbered or override-named folders),
+    found by what a run writes; submitit's own folders are not runs."""
+    sweep_dir = Path(sweep_dir)
+    found = {p.parents[1] for p in sweep_dir.glob("**/.hydra/config.yaml")}
+    found |= {p.parents[1] for p in sweep_dir.glob(f"**/{FINAL}/lpc_config.yaml")}
+    found |= {p.parent for p in sweep_dir.glob(f"**/{METRICS}")}
+    return sorted(d for d in found if ".submitit" not in d.parts)
+
+
 def load_config(run_dir: str | Path):
     """The run's composed config (Hydra's record, else the one exported with the final model), or None."""
     from omegaconf import OmegaConf
