@@ -23,6 +23,7 @@ Other options: max_new_tokens (default 512), greedy (default true), temperature,
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 import uuid
@@ -35,7 +36,9 @@ from omegaconf import OmegaConf
 from lpc.errors import ExportError  # noqa: F401  (raised here; defined with the others)
 from lpc.evaluation import QUESTIONS_DIR, is_option, runs_of
 from lpc.files import atomic_write_text
+from lpc.progress import tracked
 
+log = logging.getLogger(__name__)
 FORMATS = ("alpaca_eval", "mt_bench")
 DEFAULT_QUESTIONS = {
     "alpaca_eval": QUESTIONS_DIR / "alpaca_eval_tiny.json",
@@ -118,13 +121,13 @@ def export_alpaca_eval(model, tokenizer, rows: list[dict], model_id: str, cfg: E
             "generator": model_id,
             "dataset": r.get("dataset", ""),
         }
-        for r in rows
+        for r in tracked(rows, "alpaca_eval answers", log)
     ]
 
 
 def export_mt_bench(model, tokenizer, rows: list[dict], model_id: str, cfg: ExportConfig) -> list[dict]:
     out = []
-    for r in rows:
+    for r in tracked(rows, "mt_bench answers", log):
         messages, turns = [], []
         for turn in r["turns"]:
             messages.append({"role": "user", "content": turn})
@@ -179,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from omegaconf.errors import OmegaConfBaseException
 
+    from lpc.progress import quiet_library_bars
+
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")  # progress lines
+    quiet_library_bars()
     try:
         cfg = ExportConfig(
             **OmegaConf.to_container(
