@@ -1,11 +1,17 @@
-"""Step time and peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed reference.
+"""Step time, tokens per second and peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed
+reference, with 95% intervals that hold up on a shared machine.
 
-    python benchmarks/speed.py [--steps N] [--warmup W] [--models tiny,smollm2] [--out docs/speed.md]
+    python benchmarks/speed.py [--rounds R] [--steps N] [--warmup W] [--models tiny,smollm2] [--out docs/speed.md]
 
-Every configuration runs in its own subprocess (``--one NAME``) so its peak memory is its own:
-peak RSS (``ru_maxrss``, includes ~0.4 GB of imports) and the growth of RSS over the timed steps.
-A step is one optimizer step on one global batch (forward + backward + AdamW), timed after
-``--warmup`` steps; the table gives the median of ``--steps`` steps.
+Every configuration runs in a fresh subprocess (``--one NAME``), so its peak memory is its own (peak RSS,
+``ru_maxrss``, includes ~0.4 GB of imports). A step is one optimizer step on one global batch (forward +
+backward + AdamW); a process reports the median of ``--steps`` steps after ``--warmup``. The configurations
+run interleaved: ``--rounds`` rounds, each running every configuration once, in forward order on even rounds
+and reversed on odd ones, so a drift of the machine's speed lands on both sides of every ratio. A ratio is
+mean(A) / mean(B) over the rounds, with a 95% percentile bootstrap interval that resamples rounds (A and B
+of one round stay paired; scipy.stats.bootstrap). Our configurations also time each phase of a step
+(backbone forward, latent heads, LM head and log-probs, reference, loss, backward, optimizer) by wrapping
+those methods of the built trainer with timers: the code measured is the code that trains.
 """
 
 from __future__ import annotations
@@ -80,10 +86,11 @@ def fresh_reference_cache(tmp: Path) -> None:
 
     shared = default_cache_dir()
     cache = tmp / "cache"
-    cache.mkdir()
+    cache.mkdir(exist_ok=True)
     for sub in ("models", "tokenizers"):
         (shared / sub).mkdir(parents=True, exist_ok=True)
-        (cache / sub).symlink_to(shared / sub)
+        if not (cache / sub).exists():
+            (cache / sub).symlink_to(shared / sub)
     os.environ["LPC_CACHE_DIR"] = str(cache)
 
 
@@ -91,24 +98,75 @@ def time_ours(cfg, steps: int, warmup: int, tmp: Path) -> dict:
     from lpc.run import build_trainer
 
     if cfg.trainer.reference_logps == "precompute":
-        fresh_reference_cache(tmp)
+        # one fresh cache per benchmark (the driver's), so the first round computes the reference log-probs
+        # and later rounds read them: each round times the training step, and round 1 the one-off precompute
+        fresh_reference_cache(Path(os.environ.get("LPC_BENCH_CACHE") or tmp))
     t0 = time.perf_counter()
     trainer, _, _ = build_trainer(cfg, tmp)  # exactly as lpc-train builds it (precompute included)
     setup_s = time.perf_counter() - t0
     latent = trainer.model.latent
+    tokens = [step_tokens(trainer, i) for i in range(warmup, warmup + steps)]
+    phases = PhaseTimers(trainer)
     rss0 = rss_mb()
     times = []
-    for _ in range(warmup + steps):
+    for i in range(warmup + steps):
+        if i == warmup:
+            phases.reset()
         t0 = time.perf_counter()
         trainer.train_step()  # one optimizer step, exactly as PreferenceTrainer.train runs it
         times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[warmup:])
     return {
-        "step_s": statistics.median(times[warmup:]),
+        "step_s": step_s,
+        "tokens_per_step": statistics.mean(tokens),
+        "tokens_per_s": statistics.mean(tokens) / step_s,
+        "phases_s": {k: v / steps for k, v in phases.totals.items()} | {"step": statistics.mean(times[warmup:])},
         "setup_s": setup_s,
         "rss_growth_mb": rss_mb() - rss0,
         "params": sum(p.numel() for p in trainer.model.lm.parameters()),
         "latent_params": sum(p.numel() for p in latent.parameters()) if latent is not None else 0,
     }
+
+
+def step_tokens(trainer, step: int) -> int:
+    """Tokens a step processes: the non-padding tokens of its batches (prompt + response, chosen and rejected)."""
+    return sum(int(b["attention_mask"].sum()) for b in trainer._micro_batches(step))
+
+
+class PhaseTimers:
+    """Wall time per phase of a step, from timers around the built trainer's own methods (CPU: synchronous)."""
+
+    def __init__(self, trainer):
+        import lpc.training.trainer as trainer_module
+
+        self.totals: dict[str, float] = {}
+        model, acc = trainer.model, trainer.accelerator
+        self._wrap(model, "encode", "backbone forward")
+        if model.latent is not None:
+            self._wrap(model.latent, "forward", "latent heads")
+        self._wrap(model, "score", "LM head and log-probs")
+        self._wrap(trainer, "_reference_logps", "reference (forward or cache)")
+        self._wrap(trainer, "_algo_output", "loss")
+        self._wrap(trainer_module, "lpc_objective", "loss")
+        self._wrap(acc, "backward", "backward")
+        self._wrap(acc, "clip_grad_norm_", "optimizer (clip, step, zero_grad)")
+        self._wrap(trainer.optimizer, "step", "optimizer (clip, step, zero_grad)")
+        self._wrap(trainer.optimizer, "zero_grad", "optimizer (clip, step, zero_grad)")
+
+    def _wrap(self, owner, attr: str, phase: str) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+
+    def reset(self) -> None:
+        self.totals = {}
 
 
 def time_trl(cfg, steps: int, warmup: int, tmp: Path) -> dict:
@@ -186,9 +244,51 @@ def run_one(name: str, steps: int, warmup: int) -> None:
     print("BENCH " + json.dumps(res))
 
 
-def fmt_ratio(a, b, target):
-    r = a / b
-    return f"{r:.2f} (target <= {target}: {'met' if r <= target else 'NOT met'})"
+# (label, numerator, denominator, target): each ratio of step times the benchmark reports, per model
+RATIOS = [
+    ("LPC/DPO", "lpc-dpo", "dpo", 1.03),
+    ("ours/TRL DPO", "dpo", "trl-dpo", 0.8),
+    ("precomputed/on-the-fly reference", "dpo-precomputed", "dpo", 0.7),
+]
+PHASES = [
+    "backbone forward",
+    "latent heads",
+    "LM head and log-probs",
+    "reference (forward or cache)",
+    "loss",
+    "backward",
+    "optimizer (clip, step, zero_grad)",
+]
+
+
+def ratio_interval(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) / mean(b) and its 95% percentile bootstrap interval over rounds (a[i], b[i] paired)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    point = a.mean() / b.mean()
+    if len(a) < 2:
+        return point, float("nan"), float("nan")
+    res = bootstrap(
+        (a, b),
+        lambda x, y, axis=-1: x.mean(axis=axis) / y.mean(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=5000,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def verdict(low: float, high: float, target: float) -> str:
+    if high <= target:
+        return "met"
+    if low > target:
+        return "NOT met"
+    return "undecided (the interval straddles the target)"
 
 
 def git_commit() -> str:
@@ -200,11 +300,99 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def write_report(results: dict, out: Path, command: str, models, steps, warmup) -> None:
+def summarize(results: dict[str, list[dict]], models: list[str]) -> dict:
+    """Per configuration: median over rounds of step time, tokens/s, peak RSS, phases; per model: the ratios."""
+    table, ratios = {}, []
+    for name, runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            table[name] = {"error": runs[-1].get("error", "no run")}
+            continue
+        row = {"rounds": len(ok), **{k: statistics.median(r[k] for r in ok) for k in ("step_s", "peak_rss_mb")}}
+        row.update({k: ok[0].get(k) for k in ("params", "latent_params", "trl_version", "setup_s")})
+        if "tokens_per_s" in ok[0]:
+            row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
+        if "phases_s" in ok[0]:
+            row["phases_s"] = {k: statistics.median(r["phases_s"].get(k, 0.0) for r in ok) for k in ok[0]["phases_s"]}
+        table[name] = row
+    for m in models:
+        for label, num, den, target in RATIOS:
+            a, b = results.get(f"{m}/{num}", []), results.get(f"{m}/{den}", [])
+            pairs = [(x["step_s"], y["step_s"]) for x, y in zip(a, b) if "error" not in x and "error" not in y]
+            if not pairs:
+                continue
+            point, low, high = ratio_interval([p[0] for p in pairs], [p[1] for p in pairs])
+            ratios.append(
+                {"model": m, "ratio": label, "value": point, "low": low, "high": high, "rounds": len(pairs),
+                 "target": target, "verdict": verdict(low, high, target)}
+            )  # fmt: skip
+    return {"table": table, "ratios": ratios}
+
+
+PAPER_MODELS = ("mistral7b", "llama3_8b")
+PAPER_HARDWARE = ("a100_80g_x8", "h100_80g_x8")
+
+
+def paper_scale_rows(mfu: float = 0.4) -> list[dict]:
+    """Estimates, not measurements: lpc-plan's FLOP count of a paper-scale LPC-DPO run (the recipe's sequence
+    length and global batch, bf16, ZeRO-3, the reference precomputed) turned into tokens/s and GPU-hours at
+    ``mfu`` of the GPU's dense bf16 peak."""
+    from lpc.experiments.plan import plan
+
+    rows = []
+    for model in PAPER_MODELS:
+        for hardware in PAPER_HARDWARE:
+            cfg = compose([f"model={model}", "algo=dpo", "latent=discrete", "scale=paper", f"hardware={hardware}"])
+            p = plan(cfg, mfu=mfu)
+            seconds = p.gpu_hours * 3600 / p.world
+            rows.append(
+                {"model": model, "hardware": hardware, "gpus": p.world, "seq_len": p.seq_len, "global_batch":
+                 p.global_batch, "tokens": p.tokens, "flops_per_token": p.flops / p.tokens, "peak_tflops":
+                 p.peak_tflops, "mfu": p.mfu, "tokens_per_s_per_gpu": p.tokens / seconds / p.world,
+                 "gpu_hours": p.gpu_hours, "wall_hours": p.wall_hours}
+            )  # fmt: skip
+    return rows
+
+
+def paper_scale_section(rows: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## Paper scale, on paper (estimates from the FLOP count, not measurements)",
+        "",
+        "One LPC-DPO run of the paper's recipe (61,135 training pairs, ultrafeedback_binarized's train_prefs and "
+        "lpc-plan's default; one epoch, the recipe's "
+        "global batch and sequence length, bf16, ZeRO-3 on one node of 8 GPUs, the reference log-probs "
+        "precomputed once per model) as `lpc-plan` counts it: 6 N FLOPs per trained token plus the one-off "
+        "2 N reference pass, at the stated MFU of the GPU's dense bf16 peak (A100 312, H100 989 TFLOP/s).",
+        "",
+        "| model | GPUs | seq len | global batch | tokens per run | FLOPs per token | MFU | tokens/s per GPU | "
+        "GPU-hours per run | wall-clock (h) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['gpus']} x {r['hardware'].split('_')[0].upper()} | {r['seq_len']} | "
+            f"{r['global_batch']} | {r['tokens']:.3g} | {r['flops_per_token']:.3g} | {r['mfu']:.2f} | "
+            f"{r['tokens_per_s_per_gpu']:,.0f} | {r['gpu_hours']:.1f} | {r['wall_hours']:.2f} |"
+        )
+    lines += [
+        "",
+        "Published throughput to compare with: we found no public DPO throughput for full fine-tuning of a 7-8B "
+        "model on 8 A100/H100 from TRL or OpenRLHF. OpenRLHF's report (Hu et al. 2024, arXiv:2405.11143) times "
+        "PPO and its generation, not DPO; TRL's documentation gives no throughput table. The table is therefore "
+        "our estimate alone; on a real node, `make smoke-gpu` (docs/gpu-checklist.md) runs 20 steps whose "
+        "`train/wall_time_s` in metrics.json is the measurement to compare with.",
+    ]
+    return lines
+
+
+def write_report(summary: dict, out: Path, command: str, models, rounds, steps, warmup) -> None:
+    table = summary["table"]
     lines = [
         "# Benchmarks",
         "",
-        "Written by `make bench` (benchmarks/speed.py); numbers from one run on the machine below.",
+        "Written by `make bench` (benchmarks/speed.py): every configuration in a fresh process, the compared",
+        f"configurations interleaved over {rounds} rounds; ratios with a 95% bootstrap interval over the rounds.",
         "",
         f"Command: `{command}`",
         "",
@@ -213,45 +401,69 @@ def write_report(results: dict, out: Path, command: str, models, steps, warmup) 
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
         f"load average at the end {os.getloadavg()[0]:.1f}.",
         "",
-        f"Setup: batch {BATCH} pairs, max_length {MAX_LEN}, fp32, CPU, 1 process; median of {steps} steps after "
-        f"{warmup} warm-up steps; each configuration in its own process. Peak RSS includes imports "
-        f"(~0.4 GB); 'RSS growth' is the increase during the timed steps.",
+        f"Setup: batch {BATCH} pairs, max_length {MAX_LEN}, fp32, CPU, 1 process; each process times {steps} steps "
+        f"after {warmup} warm-up steps and reports their median. The table gives the median over rounds; "
+        f"peak RSS includes imports (~0.4 GB). Tokens: the non-padding tokens of a step's chosen and rejected "
+        f"sequences (TRL's row: ours' tokens of the same pairs over TRL's step time).",
         "",
-        "| configuration | step (s) | peak RSS (MB) | RSS growth (MB) | params | latent params |",
-        "|---|---|---|---|---|---|",
+        "| configuration | rounds | step (s) | tokens/s | peak RSS (MB) | params | latent params |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    for name, r in table.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | |")
             continue
+        tps = r.get("tokens_per_s")
+        if tps is None and name.endswith("/trl-dpo"):
+            ours = table.get(name.replace("/trl-dpo", "/dpo"), {})
+            if ours.get("tokens_per_s"):
+                tps = ours["tokens_per_s"] * ours["step_s"] / r["step_s"]
         lines.append(
-            f"| {name} | {r['step_s']:.4f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | "
-            f"{r.get('params', 0):,} | {r.get('latent_params', 0):,} |"
+            f"| {name} | {r['rounds']} | {r['step_s']:.4f} | {tps:,.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('params') or 0:,} | {r.get('latent_params') or 0:,} |"
+            if tps is not None
+            else f"| {name} | {r['rounds']} | {r['step_s']:.4f} | | {r['peak_rss_mb']:.0f} | {r.get('params') or 0:,} | |"
         )
-    lines += ["", "## Ratios against the targets", ""]
+    lines += [
+        "",
+        "## Ratios (step time), with 95% intervals",
+        "",
+        "| model | ratio | value | 95% interval | rounds | target | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for q in summary["ratios"]:
+        lines.append(
+            f"| {q['model']} | {q['ratio']} | {q['value']:.3f} | [{q['low']:.3f}, {q['high']:.3f}] | {q['rounds']} | "
+            f"<= {q['target']} | {q['verdict']} |"
+        )
     for m in models:
-        g = {k.split("/")[1]: v for k, v in results.items() if k.startswith(m + "/") and "error" not in v}
-        if "dpo" not in g:
+        dpo, lpc = table.get(f"{m}/dpo", {}), table.get(f"{m}/lpc-dpo", {})
+        if "phases_s" not in dpo or "phases_s" not in lpc:
             continue
-        d = g["dpo"]
-        if "lpc-dpo" in g:
+        lines += [
+            "",
+            f"## Where a step's time goes: {m} (ms per step, median over rounds)",
+            "",
+            "| phase | DPO | LPC-DPO | LPC - DPO |",
+            "|---|---|---|---|",
+        ]
+        rows = PHASES + ["step"]
+        for ph in rows:
+            d, lv = dpo["phases_s"].get(ph, 0.0) * 1e3, lpc["phases_s"].get(ph, 0.0) * 1e3
+            lines.append(f"| {ph if ph != 'step' else '**whole step** (mean)'} | {d:.1f} | {lv:.1f} | {lv - d:+.1f} |")
+        other_d = dpo["phases_s"]["step"] - sum(dpo["phases_s"].get(p, 0.0) for p in PHASES)
+        other_l = lpc["phases_s"]["step"] - sum(lpc["phases_s"].get(p, 0.0) for p in PHASES)
+        lines.insert(-1, f"| other (data, metrics, Python) | {other_d * 1e3:.1f} | {other_l * 1e3:.1f} | "
+                         f"{(other_l - other_d) * 1e3:+.1f} |")  # fmt: skip
+    for m in models:
+        p = table.get(f"{m}/dpo-precomputed", {})
+        if p.get("setup_s") is not None and table.get(f"{m}/dpo", {}).get("setup_s") is not None:
             lines.append(
-                f"- {m}: LPC/DPO step time {fmt_ratio(g['lpc-dpo']['step_s'], d['step_s'], 1.05)}; "
-                f"peak RSS {fmt_ratio(g['lpc-dpo']['peak_rss_mb'], d['peak_rss_mb'], 1.05)}"
+                f"\n{m}: setup (build, round 1) {p['setup_s']:.1f} s with the one-off reference precompute for "
+                f"{256 + 16} pairs (cached, shared by a sweep), against {table[f'{m}/dpo']['setup_s']:.1f} s."
             )
-        if "trl-dpo" in g:
-            lines.append(
-                f"- {m}: ours/TRL DPO step time {fmt_ratio(d['step_s'], g['trl-dpo']['step_s'], 0.8)} "
-                f"(TRL {g['trl-dpo'].get('trl_version')})"
-            )
-        if "dpo-precomputed" in g:
-            p = g["dpo-precomputed"]
-            lines.append(
-                f"- {m}: precomputed/on-the-fly reference step time {fmt_ratio(p['step_s'], d['step_s'], 0.7)}; "
-                f"peak RSS {p['peak_rss_mb'] / d['peak_rss_mb']:.2f}; setup {p['setup_s']:.1f} s, including the "
-                f"one-off precompute for {256 + 16} pairs (cached, shared by a sweep), against {d['setup_s']:.1f} s"
-            )
-    lines += ["", "Timings on a shared or loaded machine are noisy; rerun on a quiet one for final numbers.", ""]
+    lines += paper_scale_section(paper_scale_rows())
+    lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     from lpc.files import atomic_write_text
 
@@ -259,12 +471,16 @@ def write_report(results: dict, out: Path, command: str, models, steps, warmup) 
 
 
 def main() -> None:
+    import tempfile
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each runs every configuration)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
     ap.add_argument("--out", default=str(REPO / "docs" / "speed.md"))
+    ap.add_argument("--json", default="", help="also write the raw per-round results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -272,23 +488,29 @@ def main() -> None:
         return
     models = a.models.split(",")
     names = [n for n in configs(models) if not a.only or n in a.only.split(",")]
-    results = {}
-    for name in names:
-        t0 = time.time()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--warmup", str(a.warmup)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
-        if proc.returncode != 0 or not line:
-            results[name] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-        else:
-            results[name] = json.loads(line[-1][6:])
-        print(f"{name}: {results[name]} ({time.time() - t0:.0f} s)", flush=True)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "LPC_BENCH_CACHE": cache}
+        for r in range(a.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:  # A B C D, then D C B A: drift hits both sides
+                t0 = time.time()
+                cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--warmup", str(a.warmup)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
+                if proc.returncode != 0 or not line:
+                    res = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+                else:
+                    res = json.loads(line[-1][6:])
+                results[name].append(res)
+                print(f"round {r + 1}/{a.rounds} {name}: step {res.get('step_s', float('nan')):.4f} s "
+                      f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    summary = summarize(results, models)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
-    write_report(results, Path(a.out), command.strip(), models, a.steps, a.warmup)
+    write_report(summary, Path(a.out), command.strip(), models, a.rounds, a.steps, a.warmup)
+    for q in summary["ratios"]:
+        print(f"{q['model']} {q['ratio']}: {q['value']:.3f} [{q['low']:.3f}, {q['high']:.3f}] {q['verdict']}")
     print(f"wrote {a.out}")
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,58 @@ def test_lpc_configuration_times_the_trainer_lpc_train_builds():
     assert r["params"] == 654_208
     assert r["latent_params"] == 32 * 128 + (128 * 128 + 128 + 128 * 32 + 32) + (256 * 128 + 128 + 128 * 32 + 32)
     assert 0 < r["step_s"] < 30 and r["setup_s"] > 0 and r["peak_rss_mb"] > 100
+    # tokens: 8 pairs of at most 64 tokens, chosen and rejected (the synthetic rows are 20-40 tokens each)
+    assert 8 * 2 * 10 < r["tokens_per_step"] <= 8 * 2 * 64 and r["tokens_per_s"] > 0
+    phases = r["phases_s"]
+    assert set(phases) == {
+        "backbone forward", "latent heads", "LM head and log-probs", "reference (forward or cache)", "loss",
+        "backward", "optimizer (clip, step, zero_grad)", "step",
+    }  # fmt: skip
+    assert all(v > 0 for v in phases.values())
+    assert sum(v for k, v in phases.items() if k != "step") <= phases["step"]  # disjoint parts of one step
+
+
+def bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratio_interval_resamples_paired_rounds():
+    speed = bench_module()
+    assert speed.ratio_interval([2.0] * 4, [1.0] * 4) == (2.0, 2.0, 2.0)
+    # a drift that hits both sides of every round (interleaving) leaves the paired ratio exact
+    assert speed.ratio_interval([1.0, 2.0, 3.0], [0.5, 1.0, 1.5])[1:] == (2.0, 2.0)
+    point, low, high = speed.ratio_interval([1.1, 0.9, 1.0, 1.05, 0.95], [1.0] * 5)
+    assert point == 1.0 and 0.9 < low < 1.0 < high < 1.1
+    assert [speed.verdict(0.98, 1.02, 1.03), speed.verdict(1.04, 1.1, 1.03), speed.verdict(1.0, 1.05, 1.03)] == [
+        "met", "NOT met", "undecided (the interval straddles the target)"
+    ]  # fmt: skip
+
+
+def test_summary_and_report_from_rounds(tmp_path):
+    speed = bench_module()
+    row = {"peak_rss_mb": 500.0, "params": 10, "latent_params": 0, "setup_s": 1.0, "tokens_per_s": 100.0}
+    phases = {p: 0.001 for p in speed.PHASES} | {"step": 0.01}
+    results = {
+        "tiny/dpo": [row | {"step_s": s, "phases_s": phases} for s in (1.0, 2.0, 1.0)],
+        "tiny/lpc-dpo": [row | {"step_s": s, "phases_s": phases, "latent_params": 5} for s in (1.1, 2.0, 1.2)],
+        "tiny/trl-dpo": [{"step_s": s, "peak_rss_mb": 600.0, "params": 10} for s in (2.0, 4.0, 2.0)],
+        "tiny/dpo-precomputed": [{"error": "boom"}] * 3,
+    }
+    summary = speed.summarize(results, ["tiny"])
+    ratios = {q["ratio"]: q for q in summary["ratios"]}
+    assert set(ratios) == {"LPC/DPO", "ours/TRL DPO"}  # no ratio from a failed configuration
+    assert ratios["LPC/DPO"]["value"] == pytest.approx(4.3 / 4.0) and ratios["LPC/DPO"]["rounds"] == 3
+    assert ratios["ours/TRL DPO"]["value"] == pytest.approx(0.5) and ratios["ours/TRL DPO"]["low"] == 0.5
+    assert summary["table"]["tiny/dpo"]["step_s"] == 1.0  # the median over rounds
+    speed.paper_scale_rows = lambda: []  # the planner's section is tested in test_plan
+    out = tmp_path / "speed.md"
+    speed.write_report(summary, out, "python benchmarks/speed.py --rounds 3", ["tiny"], 3, 8, 2)
+    md = out.read_text()
+    assert "| tiny | LPC/DPO | 1.075 | [" in md and "| tiny/dpo-precomputed | failed: boom" in md
+    assert "| tiny/trl-dpo | 3 | 2.0000 | 50 | 600 | 10 | 0 |" in md  # TRL's tokens/s: ours' tokens, TRL's time
+    assert "## Where a step's time goes: tiny" in md and "| latent heads | 1.0 | 1.0 | +0.0 |" in md
