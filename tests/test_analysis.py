@@ -220,3 +220,86 @@ def test_final_analysis_reads_each_pairs_own_type(tmp_path):
     stub.eval_dataset = datasets.Dataset.from_dict({"type": shifted, "source": [f"s{t}" for t in shifted]})
     m2 = final_analysis(stub, tmp_path, pairs=pairs, embedding="pca")
     assert m2["eval/pref_accuracy/type_0"] != m["eval/pref_accuracy/type_0"] and m2["eval/nmi"] != m["eval/nmi"]
+
+
+def test_final_analysis_alone_evaluates_reports_ceiling_and_ratings_and_logs_its_plots(tmp_path, monkeypatch):
+    """Called without pairs, final_analysis asks the trainer for per-pair outputs; it reads the eval set's type,
+    source, ceiling and rating columns, draws the embedding coloured by source with the embedding method and title
+    it was given, and logs the metrics and both plots to the tracker at the trainer's step (main process only)."""
+    import datasets
+    import wandb
+
+    from lpc.evaluation import analysis
+
+    drawn, logged, asked = [], [], []
+
+    def fake_embedding(probs, colour, path, method, title, codes):
+        drawn.append({"colour": colour, "method": method, "title": title, "codes": codes})
+        path.write_bytes(b"png")
+
+    def fake_usage(histogram, path, title):
+        drawn.append({"histogram": histogram, "title": title})
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(analysis, "plot_prior_embedding", fake_embedding)
+    monkeypatch.setattr(analysis, "plot_code_usage", fake_usage)
+    monkeypatch.setattr(wandb, "Image", lambda path: ("image", path))
+    pairs = {
+        "chosen_rewards": torch.tensor([1.0, 0.0, 2.0, -1.0]),  # pair 1 is a tie: not ranked right
+        "rejected_rewards": torch.tensor([0.0, 0.0, 1.0, 0.0]),
+        "prior_probs": torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1]] * 2),
+        "prior_code": torch.tensor([0, 2, 0, 2]),
+    }
+
+    class Trainer:
+        eval_dataset = datasets.Dataset.from_dict(
+            {
+                "type": [0, 0, 1, 1],
+                "source": ["a", "b", "a", "b"],
+                "ceiling": [1.0, 0.5, 1.0, 0.5],
+                "rating": ["honesty", "honesty", "helpfulness", "helpfulness"],
+            }
+        )
+        tracker, step = {"wandb": object()}, 7
+
+        class accelerator:
+            is_main_process = True
+
+            @staticmethod
+            def log(metrics, step):
+                logged.append((metrics, step))
+
+        @staticmethod
+        def evaluate(return_pairs=False):
+            asked.append(return_pairs)
+            return ({}, pairs) if return_pairs is True else {}
+
+    m = analysis.final_analysis(Trainer(), tmp_path, embedding="pca", title="tiny DPO seed 0")
+    assert asked == [True]
+    assert m["eval/ceiling"] == pytest.approx(0.75)  # (1 + 0.5 + 1 + 0.5) / 4
+    assert m["eval/pref_accuracy/rating_honesty"] == 0.5 and m["eval/pref_accuracy/rating_helpfulness"] == 0.5
+    assert m["eval/pref_accuracy/type_0"] == 0.5 and m["eval/pref_accuracy/type_1"] == 0.5
+    assert drawn == [
+        {
+            "colour": ["a", "b", "a", "b"],
+            "method": "pca",
+            "title": "tiny DPO seed 0 (K=4, 2 used): prior p(z|x), PCA",
+            "codes": [0, 2, 0, 2],
+        },
+        {"histogram": [2, 0, 2, 0], "title": "tiny DPO seed 0 (K=4, 2 used)"},
+    ]
+    images = {
+        "eval/prior_embedding": ("image", str(tmp_path / "prior_embedding.png")),
+        "eval/code_usage": ("image", str(tmp_path / "code_usage.png")),
+    }
+    assert logged == [({**m, **images}, 7)]
+    # the defaults: t-SNE, no title
+    drawn.clear()
+    (tmp_path / "defaults").mkdir()
+    analysis.final_analysis(Trainer(), tmp_path / "defaults", pairs=pairs)
+    assert drawn[0]["method"] == "tsne" and drawn[0]["title"] == "(K=4, 2 used): prior p(z|x), TSNE"
+    # another process: the same metrics, no plots, nothing logged
+    Trainer.accelerator.is_main_process = False
+    logged.clear()
+    assert analysis.final_analysis(Trainer(), tmp_path / "rank1", pairs=pairs) == m
+    assert not (tmp_path / "rank1").exists() and logged == []

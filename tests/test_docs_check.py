@@ -153,24 +153,20 @@ def test_synthetic_benchmark_tables_match_the_generator_config_of_today():
 
 
 def test_speed_table_carries_its_commit_and_the_makefiles_command():
-    """docs/speed.md: the command is `make bench`'s (BENCH_ARGS), the setup line is what benchmarks/speed.py
-    writes for it, the configurations are the script's, and the commit that recorded the numbers is named."""
+    """docs/speed.md: the command is `make bench`'s (BENCH_ARGS), the batch and length are benchmarks/speed.py's,
+    the configurations are the script's, and the commit that recorded the numbers is named. Changing BENCH_ARGS
+    or the script's settings without rerunning `make bench` fails here."""
     docs_check = load_docs_check()
     doc = (REPO / "docs" / "speed.md").read_text()
     bench_args = docs_check.makefile_variables((REPO / "Makefile").read_text())["BENCH_ARGS"]
     assert f"Command: `python benchmarks/speed.py {bench_args}`" in doc
-    steps = int(re.search(r"--steps (\d+)", bench_args).group(1))
-    warmup = int(re.search(r"--warmup (\d+)", bench_args).group(1))
     models = re.search(r"--models (\S+)", bench_args).group(1).split(",")
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import speed
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    assert (
-        f"Setup: batch {speed.BATCH} pairs, max_length {speed.MAX_LEN}, fp32, CPU, 1 process; "
-        f"median of {steps} steps after {warmup} warm-up steps" in doc
-    )
+    assert f"Setup: batch {speed.BATCH} pairs, max_length {speed.MAX_LEN}, fp32, CPU" in doc
     assert re.findall(r"^\| ([\w-]+/[\w-]+) \|", doc, re.MULTILINE) == list(speed.configs(models))
     sha = re.search(r"^Commit: `?([0-9a-f]{7,})`?", doc, re.MULTILINE).group(1)
     assert subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=REPO).returncode == 0

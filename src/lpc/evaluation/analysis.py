@@ -278,7 +278,7 @@ def final_analysis(
     types = list(ds["type"]) if "type" in ds.column_names else None
     sources = list(ds["source"]) if "source" in ds.column_names else None
     main = trainer.accelerator.is_main_process
-    metrics = latent_report(pairs, sources, types, out_dir if main else None, title=title)
+    metrics = latent_report(pairs, sources, types, out_dir if main else None, embedding=embedding, title=title)
     if "ceiling" in ds.column_names:  # synthetic data: the best achievable accuracy on this eval set
         metrics["eval/ceiling"] = float(np.mean(ds["ceiling"]))
     if "rating" in ds.column_names:  # mixed preferences: accuracy per labelling rating (the rebuttal's table)

@@ -1,0 +1,250 @@
+"""The latent modules on tiny hand-set heads: every output of ``forward`` (z, KL, the logged metrics, the
+analysis tensors) and of ``prior_z`` recomputed by hand. The heads' first layer is zeroed, so each head
+outputs its last bias whatever the input: the expected values need no MLP arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lpc.latent import ContinuousLatent, DiscreteLatent, LatentOutput, gaussian_kl
+
+
+def constant_head(head, bias):
+    with torch.no_grad():
+        for layer in (head[0], head[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        head[-1].bias.copy_(torch.tensor(bias, dtype=head[-1].bias.dtype))
+
+
+H = torch.tensor([[1.0, -2.0], [0.5, 3.0]])  # two prompts' hidden states (ignored by constant heads)
+HW, HL = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+
+
+# ---------------------------------------------------------------------- continuous
+def continuous(**kw):
+    lat = ContinuousLatent(hidden_size=2, head_hidden_size=3, **kw)
+    constant_head(lat.prior, [0.5, -1.0, math.log(4.0), 0.0])  # mu_p = (0.5, -1), logvar_p = (ln 4, 0)
+    constant_head(lat.posterior, [1.0, 1.0, 0.0, math.log(0.25)])  # mu_q = (1, 1), logvar_q = (0, ln 1/4)
+    lat.calibrate(6.0)  # z_scale = mean_scale x 6 / sqrt(2)
+    return lat
+
+
+MU_P, LV_P = torch.tensor([0.5, -1.0]), torch.tensor([math.log(4.0), 0.0])
+MU_Q, LV_Q = torch.tensor([1.0, 1.0]), torch.tensor([0.0, math.log(0.25)])
+# KL(q || p) per dimension: 1/2 [lv_p - lv_q + (var_q + (mu_q - mu_p)^2) / var_p - 1]
+#   dim 0: 1/2 [ln 4 + (1 + 0.25) / 4 - 1] = 0.349397;  dim 1: 1/2 [ln 4 + (0.25 + 4) / 1 - 1] = 2.318147
+KL_QP = 0.5 * (math.log(4) + 1.25 / 4 - 1) + 0.5 * (math.log(4) + 4.25 - 1)
+
+
+def test_continuous_calibrate_sets_z_scale_from_the_hidden_norm():
+    lat = ContinuousLatent(hidden_size=4, mean_scale=2.0)
+    lat.calibrate(3.0)
+    assert lat.z_scale.item() == pytest.approx(2.0 * 3.0 / 2.0)  # mean_scale x norm / sqrt(d)
+
+
+def test_continuous_heads_clamp_the_log_variance():
+    lat = continuous()
+    constant_head(lat.prior, [0.0, 0.0, 15.0, -25.0])
+    mu, logvar = lat._params(lat.prior, H)
+    torch.testing.assert_close(logvar, torch.tensor([[10.0, -20.0]] * 2))
+    torch.testing.assert_close(mu, torch.zeros(2, 2))
+    lat.double()  # hidden states in another dtype are cast to the heads'
+    assert lat._params(lat.prior, H)[0].dtype == torch.float64
+
+
+def test_continuous_sample_is_reparameterised():
+    mu, logvar = torch.tensor([[1.0, -1.0]]), torch.tensor([[math.log(4.0), 0.0]])
+    torch.manual_seed(3)
+    eps = torch.randn(1, 2)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ContinuousLatent._sample(mu, logvar), mu + eps * torch.tensor([[2.0, 1.0]]))
+
+
+def test_continuous_prior_z_mean_and_sample():
+    lat = continuous(mean_scale=2.0)
+    scale = 2.0 * 6.0 / math.sqrt(2)
+    torch.testing.assert_close(lat.prior_z(H), scale * MU_P.expand(2, 2))
+    torch.manual_seed(0)
+    eps = torch.randn(2, 2)
+    torch.manual_seed(0)
+    torch.testing.assert_close(lat.prior_z(H, inference="sample"), scale * (MU_P + eps * torch.tensor([2.0, 1.0])))
+    lat.inference = "sample"
+    torch.manual_seed(0)
+    torch.testing.assert_close(lat.prior_z(H), scale * (MU_P + eps * torch.tensor([2.0, 1.0])))
+    torch.testing.assert_close(lat.prior_z(H, inference="mean"), scale * MU_P.expand(2, 2))
+
+
+def test_continuous_forward_in_training_by_hand():
+    lat = continuous(mix_start=0.0, mix_end=1.0)
+    scale = 6.0 / math.sqrt(2)
+    torch.manual_seed(0)
+    eps_p, eps_q = torch.randn(2, 2), torch.randn(2, 2)  # the prior's sample is drawn first
+    torch.manual_seed(0)
+    out = lat(H, HW, HL, progress=0.25)  # g = 0.25 (linear)
+    u = 0.25 * (MU_P + eps_p * torch.tensor([2.0, 1.0])) + 0.75 * (MU_Q + eps_q * torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(out.z, scale * u)
+    torch.testing.assert_close(out.kl, torch.tensor([KL_QP, KL_QP]))
+    assert out.kl[0].item() == pytest.approx(0.349397 + 2.318147, abs=1e-5)
+    m = out.metrics
+    assert set(m) == {"latent/kl", "latent/g", "latent/prior_std", "latent/z_norm"}
+    assert m["latent/kl"].item() == pytest.approx(KL_QP, rel=1e-6) and m["latent/g"].item() == 0.25
+    assert m["latent/prior_std"].item() == pytest.approx((2.0 + 1.0) / 2)  # exp(lv_p / 2) averaged
+    assert m["latent/z_norm"].item() == pytest.approx((scale * u).norm(dim=-1).mean().item(), rel=1e-6)
+    torch.testing.assert_close(out.prior_mean, scale * MU_P.expand(2, 2))
+    assert out.z_posterior is None and out.prior_probs is None and out.posterior_probs is None
+    assert set(out.analysis()) == {"prior_mean"}
+    # the defaults: progress 1 (g = 1, the prior's sample alone), training mode
+    torch.manual_seed(0)
+    torch.testing.assert_close(lat(H, HW, HL).z, scale * (MU_P + eps_p * torch.tensor([2.0, 1.0])))
+    with pytest.raises(ValueError, match=r"^training needs the posterior's inputs \(h_chosen, h_rejected\)$"):
+        lat(H)
+    with pytest.raises(ValueError, match="mode must be 'train' or 'prior', got 'bogus'"):
+        lat(H, mode="bogus")
+
+
+def test_continuous_forward_at_evaluation_by_hand():
+    lat = continuous()
+    scale = 6.0 / math.sqrt(2)
+    out = lat(H, HW, HL, mode="prior")
+    torch.testing.assert_close(out.z, scale * MU_P.expand(2, 2))
+    torch.testing.assert_close(out.z_posterior, scale * MU_Q.expand(2, 2))  # the posterior's mean
+    torch.testing.assert_close(out.kl, gaussian_kl(MU_Q, LV_Q, MU_P, LV_P).expand(2))
+    assert out.metrics["latent/g"].item() == 1.0
+    alone = lat(H, mode="prior")  # no posterior input: zero KL, no posterior z
+    torch.testing.assert_close(alone.kl, torch.zeros(2))
+    assert alone.z_posterior is None
+    lat.inference = "sample"
+    torch.manual_seed(1)
+    eps = torch.randn(2, 2)
+    torch.manual_seed(1)
+    torch.testing.assert_close(lat(H, mode="prior").z, scale * (MU_P + eps * torch.tensor([2.0, 1.0])))
+
+
+# ---------------------------------------------------------------------- discrete
+def discrete(**kw):
+    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, **kw)
+    with torch.no_grad():
+        lat.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]))
+    constant_head(lat.prior, [math.log(2.0), 0.0, math.log(1.0)])  # p = (1/2, 1/4, 1/4)
+    constant_head(lat.posterior, [0.0, math.log(3.0), 0.0])  # q = (1/5, 3/5, 1/5)
+    return lat
+
+
+P, Q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.2, 0.6, 0.2])
+E = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+KL_CAT = float((Q * (Q / P).log()).sum())  # 0.2 ln 0.4 + 0.6 ln 2.4 + 0.2 ln 0.8 = 0.297...
+
+
+def test_discrete_prior_z_expectation_argmax_and_sample():
+    lat = discrete()
+    logits = lat.prior_logits(H)
+    torch.testing.assert_close(lat.prior_z(logits), (P @ E).expand(2, 2))  # (0.5 - 0.75, 0.5)
+    torch.testing.assert_close(lat.prior_z(logits, inference="argmax"), E[0].expand(2, 2))
+    torch.manual_seed(0)
+    z = lat.prior_z(logits, inference="sample")
+    assert all(any(torch.equal(row, e) for e in E) for row in z)  # a hard one-hot pick of a code
+    with pytest.raises(ValueError, match="latent.inference must be one of"):
+        lat.prior_z(logits, inference="bogus")
+    lat.inference = "argmax"
+    torch.testing.assert_close(lat.prior_z(logits), E[0].expand(2, 2))
+    assert lat.code_vector(2).tolist() == [-3.0, 0.0]
+    with pytest.raises(ValueError, match=r"code must be in \[0, 2\], got 3"):
+        lat.code_vector(3)
+    with pytest.raises(ValueError, match=r"code must be in \[0, 2\], got -1"):
+        lat.code_vector(-1)
+
+
+def test_discrete_calibrate_scales_every_code_to_the_hidden_norm():
+    lat = DiscreteLatent(hidden_size=2, codebook_size=2, codebook_init_scale=0.5)
+    with torch.no_grad():
+        lat.codebook.copy_(torch.tensor([[3.0, 4.0], [0.0, -2.0]]))
+    lat.calibrate(10.0)  # rows of norm 0.5 x 10
+    torch.testing.assert_close(lat.codebook.detach(), torch.tensor([[3.0, 4.0], [0.0, -5.0]]))
+    normal = DiscreteLatent(hidden_size=2, codebook_size=2, codebook_init="normal")
+    before = normal.codebook.detach().clone()
+    normal.calibrate(10.0)  # "normal" codes keep their draw
+    torch.testing.assert_close(normal.codebook.detach(), before)
+
+
+def test_discrete_temperature_annealing():
+    lat = discrete(temperature=2.0, temperature_min=0.5)
+    assert lat.tau(0.0) == 2.0 and lat.tau(0.5) == pytest.approx(1.0) and lat.tau(1.0) == pytest.approx(0.5)
+
+
+def test_discrete_forward_in_training_by_hand():
+    lat = discrete(hard=True)
+    # the same Gumbel draws by hand: the prior's sample first, then the posterior's (logits up to a constant)
+    torch.manual_seed(0)
+    w_p = torch.nn.functional.gumbel_softmax(P.log().expand(2, 3), tau=1.0, hard=True)
+    w_q = torch.nn.functional.gumbel_softmax(Q.log().expand(2, 3), tau=1.0, hard=True)
+    torch.manual_seed(0)
+    out = lat(H, HW, HL, progress=0.5)  # g = 0.5: half the prior's one-hot code, half the posterior's
+    torch.testing.assert_close(out.z, 0.5 * (w_p @ E) + 0.5 * (w_q @ E))
+    torch.testing.assert_close(out.kl, torch.tensor([KL_CAT, KL_CAT]))
+    m = out.metrics
+    assert m["latent/kl"].item() == pytest.approx(KL_CAT, rel=1e-6)
+    assert m["latent/g"].item() == 0.5 and m["latent/temperature"].item() == 1.0
+    h_p = -(P * P.log()).sum().item()  # 1.0397 nats
+    assert m["latent/prior_entropy"].item() == pytest.approx(h_p, rel=1e-6)
+    assert m["latent/prior_entropy_normalized"].item() == pytest.approx(h_p / math.log(3), rel=1e-6)
+    h_q = -(Q * Q.log()).sum().item()  # code usage: the batch's mean posterior (the same q twice)
+    assert m["latent/code_usage_entropy"].item() == pytest.approx(h_q, rel=1e-6)
+    assert m["latent/code_perplexity"].item() == pytest.approx(math.exp(h_q), rel=1e-6)
+    assert m["latent/prior_posterior_agreement"].item() == 0.0  # argmax p = 0, argmax q = 1
+    assert m["latent/z_norm"].item() == pytest.approx(out.z.norm(dim=-1).mean().item(), rel=1e-6)
+    torch.testing.assert_close(out.prior_probs, P.expand(2, 3))
+    torch.testing.assert_close(out.posterior_probs, Q.expand(2, 3))
+    assert out.z_posterior is None
+    a = out.analysis()
+    assert a["prior_code"].tolist() == [0, 0] and a["posterior_code"].tolist() == [1, 1]
+    torch.testing.assert_close(a["prior_probs"], P.expand(2, 3))
+    # g = 0 (progress 0): the posterior's sample alone (one draw); g = 1 (the default progress): the prior's alone
+    torch.manual_seed(0)
+    w_q0 = torch.nn.functional.gumbel_softmax(Q.log().expand(2, 3), tau=1.0, hard=True)
+    torch.manual_seed(0)
+    torch.testing.assert_close(lat(H, HW, HL, progress=0.0).z, w_q0 @ E)
+    torch.manual_seed(0)
+    torch.testing.assert_close(lat(H, HW, HL).z, w_p @ E)
+    with pytest.raises(ValueError, match=r"^training needs the posterior's inputs \(h_chosen, h_rejected\)$"):
+        lat(H)
+    with pytest.raises(ValueError, match="mode must be 'train' or 'prior', got 'bogus'"):
+        lat(H, HW, HL, mode="bogus")
+
+
+def test_discrete_forward_at_evaluation_by_hand():
+    lat = discrete()
+    out = lat(H, HW, HL, mode="prior")
+    torch.testing.assert_close(out.z, (P @ E).expand(2, 2))
+    torch.testing.assert_close(out.z_posterior, E[1].expand(2, 2))  # the posterior's argmax code
+    torch.testing.assert_close(out.kl, torch.tensor([KL_CAT, KL_CAT]))
+    m = out.metrics
+    assert m["latent/g"].item() == 1.0 and m["latent/prior_posterior_agreement"].item() == 0.0
+    assert m["latent/z_norm"].item() == pytest.approx((P @ E).norm().item(), rel=1e-6)
+    alone = lat(H, mode="prior")  # no posterior input: zero KL, code usage and agreement from the prior
+    torch.testing.assert_close(alone.kl, torch.zeros(2))
+    assert alone.z_posterior is None and alone.posterior_probs is None
+    assert alone.metrics["latent/prior_posterior_agreement"].item() == 1.0
+    assert alone.metrics["latent/code_usage_entropy"].item() == pytest.approx(-(P * P.log()).sum().item(), rel=1e-6)
+    assert set(alone.analysis()) == {"prior_probs", "prior_code"}
+
+
+def test_soft_samples_mix_codes_and_hard_ones_pick_one():
+    soft = discrete(hard=False)
+    torch.manual_seed(0)
+    w = torch.nn.functional.gumbel_softmax(soft.prior_logits(H), tau=1.0, hard=False)
+    torch.manual_seed(0)
+    torch.testing.assert_close(soft._sample(soft.prior_logits(H), 1.0), w @ E)
+    assert not any(any(torch.allclose(row, e) for e in E) for row in w @ E)
+    torch.manual_seed(0)
+    w2 = torch.nn.functional.gumbel_softmax(soft.prior_logits(H), tau=0.5, hard=False)
+    torch.manual_seed(0)
+    torch.testing.assert_close(soft._sample(soft.prior_logits(H), 0.5), w2 @ E)
+
+
+def test_latent_output_analysis_without_a_discrete_prior():
+    out = LatentOutput(z=torch.zeros(1, 2), kl=torch.zeros(1))
+    assert out.analysis() == {} and out.metrics == {}
