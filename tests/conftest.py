@@ -123,6 +123,16 @@ def tiny_lpc_acting_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut: run a mutant's tests fastest first (mutmut stops at the first failure), by the durations
+    its stats run recorded (mutants/mutmut-stats.json; mutmut runs pytest in mutants/)."""
+    stats = Path("mutmut-stats.json")
+    if "MUTANT_UNDER_TEST" not in os.environ or not stats.exists():
+        return
+    durations = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
 # MUTANT_UNDER_TEST is set by mutmut only. pytest imports this file afresh in every session (every fork):
 # warm up once, in the fork server.
 if "MUTANT_UNDER_TEST" in os.environ and not os.environ.get("LPC_MUTATION_WARM"):
