@@ -28,16 +28,16 @@ HW, HL = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0,
 def continuous(**kw):
     lat = ContinuousLatent(hidden_size=2, head_hidden_size=3, **kw)
     constant_head(lat.prior, [0.5, -1.0, math.log(4.0), 0.0])  # mu_p = (0.5, -1), logvar_p = (ln 4, 0)
-    constant_head(lat.posterior, [1.0, 1.0, 0.0, math.log(0.25)])  # mu_q = (1, 1), logvar_q = (0, ln 1/4)
+    constant_head(lat.posterior, [1.0, 2.0, 0.0, math.log(0.25)])  # mu_q = (1, 2), logvar_q = (0, ln 1/4)
     lat.calibrate(6.0)  # z_scale = mean_scale x 6 / sqrt(2)
     return lat
 
 
 MU_P, LV_P = torch.tensor([0.5, -1.0]), torch.tensor([math.log(4.0), 0.0])
-MU_Q, LV_Q = torch.tensor([1.0, 1.0]), torch.tensor([0.0, math.log(0.25)])
+MU_Q, LV_Q = torch.tensor([1.0, 2.0]), torch.tensor([0.0, math.log(0.25)])
 # KL(q || p) per dimension: 1/2 [lv_p - lv_q + (var_q + (mu_q - mu_p)^2) / var_p - 1]
-#   dim 0: 1/2 [ln 4 + (1 + 0.25) / 4 - 1] = 0.349397;  dim 1: 1/2 [ln 4 + (0.25 + 4) / 1 - 1] = 2.318147
-KL_QP = 0.5 * (math.log(4) + 1.25 / 4 - 1) + 0.5 * (math.log(4) + 4.25 - 1)
+#   dim 0: 1/2 [ln 4 + (1 + 0.25) / 4 - 1] = 0.349397;  dim 1: 1/2 [ln 4 + (0.25 + 9) / 1 - 1] = 4.818147
+KL_QP = 0.5 * (math.log(4) + 1.25 / 4 - 1) + 0.5 * (math.log(4) + 9.25 - 1)
 
 
 def test_continuous_calibrate_sets_z_scale_from_the_hidden_norm():
@@ -88,7 +88,7 @@ def test_continuous_forward_in_training_by_hand():
     u = 0.25 * (MU_P + eps_p * torch.tensor([2.0, 1.0])) + 0.75 * (MU_Q + eps_q * torch.tensor([1.0, 0.5]))
     torch.testing.assert_close(out.z, scale * u)
     torch.testing.assert_close(out.kl, torch.tensor([KL_QP, KL_QP]))
-    assert out.kl[0].item() == pytest.approx(0.349397 + 2.318147, abs=1e-5)
+    assert out.kl[0].item() == pytest.approx(0.349397 + 4.818147, abs=1e-5)
     m = out.metrics
     assert set(m) == {"latent/kl", "latent/g", "latent/prior_std", "latent/z_norm"}
     assert m["latent/kl"].item() == pytest.approx(KL_QP, rel=1e-6) and m["latent/g"].item() == 0.25
@@ -151,7 +151,7 @@ def test_discrete_prior_z_expectation_argmax_and_sample():
         lat.prior_z(logits, inference="bogus")
     lat.inference = "argmax"
     torch.testing.assert_close(lat.prior_z(logits), E[0].expand(2, 2))
-    assert lat.code_vector(2).tolist() == [-3.0, 0.0]
+    assert lat.code_vector(0).tolist() == [1.0, 0.0] and lat.code_vector(2).tolist() == [-3.0, 0.0]
     with pytest.raises(ValueError, match=r"code must be in \[0, 2\], got 3"):
         lat.code_vector(3)
     with pytest.raises(ValueError, match=r"code must be in \[0, 2\], got -1"):
