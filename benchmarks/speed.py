@@ -230,11 +230,12 @@ def time_trl(cfg, steps: int, warmup: int, tmp: Path) -> dict:
     }
 
 
-def run_one(name: str, steps: int, warmup: int) -> None:
+def run_one(name: str, steps: int, warmup: int, threads: int) -> None:
     import tempfile
 
     import torch
 
+    torch.set_num_threads(threads)
     spec = configs([name.split("/")[0]])[name]
     cfg = compose(spec["overrides"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -386,7 +387,7 @@ def paper_scale_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(summary: dict, out: Path, command: str, models, rounds, steps, warmup) -> None:
+def write_report(summary: dict, out: Path, command: str, models, rounds, steps, warmup, threads=1) -> None:
     table = summary["table"]
     lines = [
         "# Benchmarks",
@@ -401,7 +402,8 @@ def write_report(summary: dict, out: Path, command: str, models, rounds, steps, 
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
         f"load average at the end {os.getloadavg()[0]:.1f}.",
         "",
-        f"Setup: batch {BATCH} pairs, max_length {MAX_LEN}, fp32, CPU, 1 process; each process times {steps} steps "
+        f"Setup: batch {BATCH} pairs, max_length {MAX_LEN}, fp32, CPU, 1 process of {threads} torch thread(s); each "
+        f"process times {steps} steps "
         f"after {warmup} warm-up steps and reports their median. The table gives the median over rounds; "
         f"peak RSS includes imports (~0.4 GB). Tokens: the non-padding tokens of a step's chosen and rejected "
         f"sequences (TRL's row: ours' tokens of the same pairs over TRL's step time).",
@@ -481,10 +483,14 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
     ap.add_argument("--out", default=str(REPO / "docs" / "speed.md"))
     ap.add_argument("--json", default="", help="also write the raw per-round results here")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (default 1: a second process on a 2-core "
+        "machine then slows a run less than two oversubscribed threads would)",
+    )  # fmt: skip
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        run_one(a.one, a.steps, a.warmup)
+        run_one(a.one, a.steps, a.warmup, a.threads)
         return
     models = a.models.split(",")
     names = [n for n in configs(models) if not a.only or n in a.only.split(",")]
@@ -494,7 +500,8 @@ def main() -> None:
         for r in range(a.rounds):
             for name in names if r % 2 == 0 else names[::-1]:  # A B C D, then D C B A: drift hits both sides
                 t0 = time.time()
-                cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--warmup", str(a.warmup)]
+                cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--warmup", str(a.warmup),
+                       "--threads", str(a.threads)]  # fmt: skip
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
                 if proc.returncode != 0 or not line:
@@ -508,7 +515,7 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(results, indent=1))
     summary = summarize(results, models)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
-    write_report(summary, Path(a.out), command.strip(), models, a.rounds, a.steps, a.warmup)
+    write_report(summary, Path(a.out), command.strip(), models, a.rounds, a.steps, a.warmup, a.threads)
     for q in summary["ratios"]:
         print(f"{q['model']} {q['ratio']}: {q['value']:.3f} [{q['low']:.3f}, {q['high']:.3f}] {q['verdict']}")
     print(f"wrote {a.out}")
