@@ -17,6 +17,7 @@ from lpc.evaluation.analysis import chance_baseline, code_usage, latent_report, 
 def test_preference_accuracy_counts_a_tie_as_wrong_and_is_nan_on_nothing():
     assert preference_accuracy([1.0, 0.0, 2.0], [1.0, -1.0, 3.0]) == pytest.approx(1 / 3)
     assert math.isnan(preference_accuracy([], []))
+    assert math.isnan(purity([], []))
 
 
 def test_code_usage_reads_float_codes():

@@ -97,6 +97,7 @@ def test_continuous_forward_in_training_by_hand():
     torch.testing.assert_close(out.prior_mean, scale * MU_P.expand(2, 2))
     assert out.z_posterior is None and out.prior_probs is None and out.posterior_probs is None
     assert set(out.analysis()) == {"prior_mean"}
+    torch.testing.assert_close(out.analysis()["prior_mean"], scale * MU_P.expand(2, 2))
     # the defaults: progress 1 (g = 1, the prior's sample alone), training mode
     torch.manual_seed(0)
     torch.testing.assert_close(lat(H, HW, HL).z, scale * (MU_P + eps_p * torch.tensor([2.0, 1.0])))

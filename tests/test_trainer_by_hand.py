@@ -99,3 +99,69 @@ def test_evaluate_returns_the_pairs_and_the_diagnostics_only_when_asked(tmp_path
     dpo = make_trainer([], tmp_path / "dpo")
     _, dpo_pairs = dpo.evaluate(return_pairs=True, diagnostics=True)  # no latent: no diagnostics
     assert set(dpo_pairs) == {"chosen_rewards", "rejected_rewards"}
+
+
+def eval_batch(t, rows):
+    return t._to_device(t.collate([t.eval_dataset[i] for i in rows]))
+
+
+def test_compute_loss_and_every_metric_by_hand(tmp_path):
+    """LPC in training at progress 0.25: lambda = 0.05 x 0.25 / 0.5 (warm-up over half of training), KL below
+    0.01 nats charged as 0.01; the TRL metrics from the same z (same seed)."""
+    t = make_trainer([*LPC, "latent.kl_free_bits=0.01"], tmp_path)
+    batch = eval_batch(t, range(4))
+    torch.manual_seed(0)
+    loss, m, (cr, rr, lat) = t.compute_loss(batch, progress=0.25)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = t.model(batch, progress=0.25, latent_mode="train")
+        res = t._algo_output(out.logps, out.n_tokens, t._reference_logps(batch))
+    losses = res.losses + 0.025 * out.latent.kl.clamp_min(0.01)
+    assert loss.item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    torch.testing.assert_close(cr, res.chosen_rewards)
+    torch.testing.assert_close(rr, res.rejected_rewards)
+    torch.testing.assert_close(lat.z, out.latent.z)
+    n = out.n_tokens.float()
+    expected = {
+        "loss": losses.mean(),
+        "rewards/chosen": res.chosen_rewards.mean(),
+        "rewards/rejected": res.rejected_rewards.mean(),
+        "rewards/accuracies": (res.chosen_rewards > res.rejected_rewards).float().mean(),
+        "rewards/margins": (res.chosen_rewards - res.rejected_rewards).mean(),
+        "logps/chosen": out.logps[:4].mean(),
+        "logps/rejected": out.logps[4:].mean(),
+        "logits/chosen": out.logit_sums[:4].sum() / n[:4].sum(),
+        "logits/rejected": out.logit_sums[4:].sum() / n[4:].sum(),
+        "latent/kl_weight": torch.tensor(0.025),
+        **out.latent.metrics,
+    }
+    assert set(m) == set(expected)
+    for key, value in expected.items():
+        assert m[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-7), key
+        assert not m[key].requires_grad, key
+    assert loss.requires_grad  # the loss itself is for backward
+
+
+@pytest.mark.parametrize("algo", ["dpo", "ipo", "simpo"])
+def test_a_precomputed_reference_is_read_from_the_batch(tmp_path, algo):
+    """With ref_logps in the batch (reference_logps=precompute) no reference model runs: DPO's rewards are
+    beta (pi - ref) summed; IPO's (length-normalised) divide both by the response tokens (the mask's count);
+    SimPO has no reference."""
+    t = make_trainer([f"algo={algo}"], tmp_path)
+    t.ref_model = None
+    batch = eval_batch(t, range(4))
+    ref = torch.linspace(-30.0, -20.0, 8)
+    batch["ref_logps"] = ref
+    n_ref = batch["response_mask"][:, 1:].sum(1)
+    _, _, (cr, rr, _) = t.compute_loss(batch, progress=1.0)
+    with torch.no_grad():
+        out = t.model(batch)
+    pol, n = out.logps, out.n_tokens
+    if algo == "dpo":
+        expected = 0.1 * (pol - ref)
+    elif algo == "ipo":
+        expected = pol / n - ref / n_ref
+    else:
+        expected = t.algo.beta * pol / n  # SimPO: beta x the length-averaged log-prob, no reference
+    torch.testing.assert_close(torch.cat([cr, rr]), expected, rtol=1e-5, atol=1e-6)
+    assert (n == n_ref).all()  # the mask's count is the scored tokens'
