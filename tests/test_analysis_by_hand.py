@@ -98,3 +98,61 @@ def test_final_analysis_without_a_source_column(tmp_path, plots):
     m = analysis.final_analysis(Trainer(), tmp_path, pairs=PAIRS)
     assert m["eval/pref_accuracy/type_0"] == 1.0 and m["eval/pref_accuracy/type_1"] == 0.5
     assert plots[0]["colour"] == ["type_0", "type_1", "type_0", "type_1"]
+
+
+def test_latent_diagnostics_by_hand_at_the_thresholds():
+    """100 pairs, 60 ranked right; z = 0 flips exactly one decision (1%: not inert, the threshold is strict);
+    a shuffled z ranks 59 right (gap 0.01: not prompt-independent); margins of 0.5 count as right."""
+    margin = torch.tensor([0.5] * 60 + [-0.5] * 40)
+    z_zero = margin.clone()
+    z_zero[0] = -0.5
+    shuffled = margin.clone()
+    shuffled[:2] = -0.5
+    shuffled[60] = 0.5
+    pairs = {
+        "chosen_rewards": margin,
+        "rejected_rewards": torch.zeros(100),
+        "margin/z_zero": z_zero,
+        "margin/z_shuffled": shuffled,
+        "margin/z_posterior": torch.full((100,), 0.5),
+        "z_norm": torch.full((100,), 3.0),
+        "hidden_norm": torch.full((100,), 12.0),
+    }
+    d = analysis.latent_diagnostics(pairs, prefix="p/")
+    assert d == {
+        "p/pref_accuracy/z_zero": pytest.approx(0.59),
+        "p/pref_accuracy/z_shuffled": pytest.approx(0.59),
+        "p/pref_accuracy/z_posterior": 1.0,
+        "p/latent/decisions_changed": pytest.approx(0.01),
+        "p/latent/inert": 0.0,
+        "p/latent/shuffle_gap": pytest.approx(0.01),
+        "p/latent/prompt_independent": 0.0,
+        "p/latent/z_norm": 3.0,
+        "p/latent/z_hidden_norm_ratio": 0.25,
+    }
+    pairs["margin/z_shuffled"] = -margin  # every decision reversed: a gap of 0.6 - 0.4
+    pairs["hidden_norm"] = torch.zeros(100)  # a zero norm is floored at 1e-12
+    d = analysis.latent_diagnostics(pairs)
+    assert d["eval/latent/shuffle_gap"] == pytest.approx(0.2) and d["eval/latent/prompt_independent"] == 0.0
+    assert d["eval/latent/z_hidden_norm_ratio"] == pytest.approx(3.0e12)
+    pairs["margin/z_shuffled"] = margin  # no gap: independent of the prompt
+    assert analysis.latent_diagnostics(pairs)["eval/latent/prompt_independent"] == 1.0
+    # a gap of exactly 0.01 (2 right against 1 right of 100: 0.02 - 0.01 is 0.01 in floating point) is not under it
+    few = torch.tensor([0.5] * 2 + [-0.5] * 98)
+    one = torch.tensor([0.5] * 1 + [-0.5] * 99)
+    d = analysis.latent_diagnostics(
+        {"chosen_rewards": few, "rejected_rewards": torch.zeros(100), "margin/z_shuffled": one}
+    )
+    assert d["eval/latent/shuffle_gap"] == 0.01 and d["eval/latent/prompt_independent"] == 0.0
+
+
+def test_numpy_of_lists_and_of_tensors_that_need_grad():
+    assert analysis._numpy([1, 2]).tolist() == [1, 2]
+    assert analysis._numpy(torch.tensor([1.5], requires_grad=True)).tolist() == [1.5]
+
+
+def test_a_title_that_starts_with_x_keeps_it(tmp_path, plots):
+    latent_report(PAIRS, out_dir=tmp_path, embedding="pca", title="XL run")
+    assert (
+        plots[0]["title"] == "XL run (K=3, 2 used): prior p(z|x), PCA" and plots[1]["title"] == "XL run (K=3, 2 used)"
+    )
