@@ -91,3 +91,16 @@ def test_flip_marks_the_last_turn_and_an_unmarked_flip_keeps_the_turns():
     assert json.loads(marked["messages"])[:2] == turns[:2]
     unmarked = flip_labels(ds, 1.0, seed=0, marker=None)[0]
     assert (unmarked["prompt"], unmarked["chosen"], unmarked["messages"]) == ("R", "y", json.dumps(turns))
+
+
+def test_flip_labels_names_its_progress_bar(capfd):
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.enable_progress_bar()
+    try:
+        flip_labels(rows(0, 3), 0.5, seed=0, marker=None)
+    finally:
+        if not was_enabled:
+            ds_logging.disable_progress_bar()
+    assert "flip labels: 100%" in capfd.readouterr().err

@@ -249,3 +249,46 @@ def test_soft_samples_mix_codes_and_hard_ones_pick_one():
 def test_latent_output_analysis_without_a_discrete_prior():
     out = LatentOutput(z=torch.zeros(1, 2), kl=torch.zeros(1))
     assert out.analysis() == {} and out.metrics == {}
+
+
+def test_mixing_weight_constant_defaults_to_one():
+    from lpc.latent import mixing_weight
+
+    assert mixing_weight(0.3, "constant") == 1.0 and mixing_weight(0.3, "constant", value=0.25) == 0.25
+
+
+def test_a_prior_sample_alone_draws_only_the_priors_noise():
+    """g = 1: the posterior's sample would be multiplied by 0, so it is not drawn (the RNG moves by one draw)."""
+    lat = discrete()
+    torch.manual_seed(0)
+    lat(H, HW, HL, progress=1.0)
+    after_forward = torch.rand(3)
+    torch.manual_seed(0)
+    torch.nn.functional.gumbel_softmax(P.log().expand(2, 3), tau=1.0, hard=True)
+    assert torch.equal(after_forward, torch.rand(3))
+
+
+def test_agreement_and_entropy_with_prompts_on_different_codes():
+    """Rows whose prior argmax differs (codes 2 and 0): per-row agreement; K = 2 normalises by ln 2."""
+    lat = discrete()
+    logits = torch.tensor([[0.3, 0.3, 0.4], [0.9, 0.05, 0.05]]).log()
+    lat.prior_logits = lambda h: logits
+    out = lat(H, mode="prior")  # no posterior input: q = p, agreement 1
+    assert out.metrics["latent/prior_posterior_agreement"].item() == 1.0
+    assert out.analysis()["prior_code"].tolist() == [2, 0]
+    two = DiscreteLatent(hidden_size=2, codebook_size=2)
+    constant_head(two.prior, [0.0, 0.0])  # uniform over 2 codes: normalised entropy 1
+    assert two(H, mode="prior").metrics["latent/prior_entropy_normalized"].item() == pytest.approx(1.0)
+
+
+def test_one_code_and_one_dimension_without_a_posterior():
+    one_code = DiscreteLatent(hidden_size=2, codebook_size=1)
+    torch.testing.assert_close(one_code(H, mode="prior").kl, torch.zeros(2))
+    one_dim = ContinuousLatent(hidden_size=1)
+    torch.testing.assert_close(one_dim(H[:, :1], mode="prior").kl, torch.zeros(2))
+
+
+def test_heads_in_double_precision_read_float_hidden_states():
+    lat = discrete().double()
+    out = lat(H, HW, HL, mode="prior")  # float32 inputs, float64 heads
+    assert out.prior_probs.dtype == torch.float64 and out.kl.dtype == torch.float64

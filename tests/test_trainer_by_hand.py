@@ -165,3 +165,25 @@ def test_a_precomputed_reference_is_read_from_the_batch(tmp_path, algo):
         expected = t.algo.beta * pol / n  # SimPO: beta x the length-averaged log-prob, no reference
     torch.testing.assert_close(torch.cat([cr, rr]), expected, rtol=1e-5, atol=1e-6)
     assert (n == n_ref).all()  # the mask's count is the scored tokens'
+
+
+def test_evaluate_on_one_pair_and_on_another_rank(tmp_path, caplog):
+    """One pair: its own loss (no other divisor). A process other than the main one shows no progress."""
+    t = make_trainer([], tmp_path)
+    one = t.evaluate(dataset=t.eval_dataset.select([3]))
+    losses, _, _, _ = by_hand(t, [3])
+    assert one["eval/loss"] == pytest.approx(losses.item(), rel=1e-5)
+
+    class OtherRank:
+        is_main_process = False
+
+        def __init__(self, accelerator):
+            self._accelerator = accelerator
+
+        def __getattr__(self, name):
+            return getattr(self._accelerator, name)
+
+    t.accelerator = OtherRank(t.accelerator)
+    with caplog.at_level(logging.INFO, logger="lpc.training.trainer"):
+        assert t.evaluate()["eval/loss"] == pytest.approx(by_hand(t, range(6))[0].mean().item(), rel=1e-5)
+    assert not any(r.getMessage().startswith("evaluation:") for r in caplog.records)
