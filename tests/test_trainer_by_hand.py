@@ -107,8 +107,8 @@ def eval_batch(t, rows):
 
 def test_compute_loss_and_every_metric_by_hand(tmp_path):
     """LPC in training at progress 0.25: lambda = 0.05 x 0.25 / 0.5 (warm-up over half of training), KL below
-    0.01 nats charged as 0.01; the TRL metrics from the same z (same seed)."""
-    t = make_trainer([*LPC, "latent.kl_free_bits=0.01"], tmp_path)
+    5 nats charged as 5; the TRL metrics from the same z (same seed)."""
+    t = make_trainer([*LPC, "latent.kl_free_bits=5.0"], tmp_path)
     batch = eval_batch(t, range(4))
     torch.manual_seed(0)
     loss, m, (cr, rr, lat) = t.compute_loss(batch, progress=0.25)
@@ -116,7 +116,8 @@ def test_compute_loss_and_every_metric_by_hand(tmp_path):
     with torch.no_grad():
         out = t.model(batch, progress=0.25, latent_mode="train")
         res = t._algo_output(out.logps, out.n_tokens, t._reference_logps(batch))
-    losses = res.losses + 0.025 * out.latent.kl.clamp_min(0.01)
+    assert (out.latent.kl < 5.0).all()  # every pair is charged the free 5 nats
+    losses = res.losses + 0.025 * 5.0
     assert loss.item() == pytest.approx(losses.mean().item(), rel=1e-6)
     torch.testing.assert_close(cr, res.chosen_rewards)
     torch.testing.assert_close(rr, res.rejected_rewards)
@@ -187,3 +188,22 @@ def test_evaluate_on_one_pair_and_on_another_rank(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="lpc.training.trainer"):
         assert t.evaluate()["eval/loss"] == pytest.approx(by_hand(t, range(6))[0].mean().item(), rel=1e-5)
     assert not any(r.getMessage().startswith("evaluation:") for r in caplog.records)
+
+
+def test_one_scored_token_and_a_reference_read_from_the_mask(tmp_path):
+    """A pair with one scored token per response: TRL's logits metrics divide by 1. The precomputed reference's
+    token counts are the mask's, from the first predicted position on."""
+    t = make_trainer([], tmp_path)
+    batch = eval_batch(t, [0])
+    last = batch["attention_mask"].sum(1) - 1
+    batch["response_mask"] = torch.zeros_like(batch["response_mask"])
+    batch["response_mask"][torch.arange(2), last] = True
+    _, m, _ = t.compute_loss(batch, progress=1.0)
+    with torch.no_grad():
+        out = t.model(batch)
+    assert out.n_tokens.tolist() == [1, 1]
+    assert m["logits/chosen"].item() == pytest.approx(out.logit_sums[0].item(), rel=1e-5)
+    assert m["logits/rejected"].item() == pytest.approx(out.logit_sums[1].item(), rel=1e-5)
+    mask = torch.tensor([[False, True, True], [False, False, True]])
+    ref, counts = t._reference_logps({"ref_logps": torch.tensor([-1.0, -2.0]), "response_mask": mask})
+    assert ref.tolist() == [-1.0, -2.0] and counts.tolist() == [2, 1]
