@@ -52,7 +52,7 @@ docs-check: install
 
 # Step time / peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed reference
 # (benchmarks/speed.py); writes docs/speed.md. TRL is installed only here (the bench extra).
-BENCH_ARGS ?= --rounds 4 --steps 5 --warmup 1 --models tiny,smollm2
+BENCH_ARGS ?= --rounds 4 --steps 5 --warmup 1 --models tiny,smollm2 --json docs/assets/speed/rounds.json
 bench: install
 	$(PIP) install -q -c constraints-cpu.txt -e '.[bench]'
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)

@@ -8,8 +8,8 @@ Every configuration runs in a fresh subprocess (``--one NAME``), so its peak mem
 backward + AdamW); a process reports the median of ``--steps`` steps after ``--warmup``. The configurations
 run interleaved: ``--rounds`` rounds, each running every configuration once, in forward order on even rounds
 and reversed on odd ones, so a drift of the machine's speed lands on both sides of every ratio. A ratio is
-mean(A) / mean(B) over the rounds, with a 95% percentile bootstrap interval that resamples rounds (A and B
-of one round stay paired; scipy.stats.bootstrap). Our configurations also time each phase of a step
+the geometric mean over rounds of A / B within a round, with the 95% t interval of the per-round log ratios
+(``ratio_interval`` says why not a bootstrap). Our configurations also time each phase of a step
 (backbone forward, latent heads, LM head and log-probs, reference, loss, backward, optimizer) by wrapping
 those methods of the built trainer with timers: the code measured is the code that trains.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -262,26 +263,19 @@ PHASES = [
 ]
 
 
-def ratio_interval(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) / mean(b) and its 95% percentile bootstrap interval over rounds (a[i], b[i] paired)."""
-    import numpy as np
-    from scipy.stats import bootstrap
+def ratio_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """The ratio of a to b over paired rounds and its 95% interval: the geometric mean of the per-round ratios
+    a[i] / b[i] and the t interval of their logs (lpc.stats, the project's one aggregation path). Why not a
+    percentile bootstrap over rounds: with 4 rounds it has 256 distinct resamples and no small-sample
+    correction, and two consecutive runs' bootstrap intervals of ours/TRL on SmolLM2 ([0.713, 0.733] and
+    [0.750, 0.797]) did not overlap; the t interval's 3.18 standard errors at 3 degrees of freedom did."""
+    from lpc.stats import summarize
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    point = a.mean() / b.mean()
-    if len(a) < 2:
+    logs = summarize([math.log(x / y) for x, y in zip(a, b)])
+    point = math.exp(logs.mean)
+    if logs.ci95 is None:
         return point, float("nan"), float("nan")
-    res = bootstrap(
-        (a, b),
-        lambda x, y, axis=-1: x.mean(axis=axis) / y.mean(axis=axis),
-        paired=True,
-        vectorized=True,
-        n_resamples=5000,
-        confidence_level=0.95,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return point, math.exp(logs.mean - logs.ci95), math.exp(logs.mean + logs.ci95)
 
 
 def verdict(low: float, high: float, target: float) -> str:
@@ -313,8 +307,8 @@ def summarize(results: dict[str, list[dict]], models: list[str]) -> dict:
         row.update({k: ok[0].get(k) for k in ("params", "latent_params", "trl_version", "setup_s")})
         if "tokens_per_s" in ok[0]:
             row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
-        if "phases_s" in ok[0]:
-            row["phases_s"] = {k: statistics.median(r["phases_s"].get(k, 0.0) for r in ok) for k in ok[0]["phases_s"]}
+        if "phases_s" in ok[0]:  # means over rounds, so the phases and "other" add up to the step
+            row["phases_s"] = {k: statistics.mean(r["phases_s"].get(k, 0.0) for r in ok) for k in ok[0]["phases_s"]}
         table[name] = row
     for m in models:
         for label, num, den, target in RATIOS:
@@ -387,13 +381,83 @@ def paper_scale_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(summary: dict, out: Path, command: str, models, rounds, steps, warmup, threads=1) -> None:
+def readings(table: dict, models: list[str]) -> list[str]:
+    """What the phase table says about each ratio, computed from it (so a rerun rewrites it with its numbers)."""
+    lines = []
+    for m in models:
+        dpo, lpc, pre = (table.get(f"{m}/{c}", {}).get("phases_s") for c in ("dpo", "lpc-dpo", "dpo-precomputed"))
+        if dpo and lpc:
+            head = lpc["LM head and log-probs"] - dpo["LM head and log-probs"]
+            own = lpc["latent heads"] + head
+            diff = {p: (lpc.get(p, 0.0) - dpo.get(p, 0.0)) * 1e3 for p in PHASES + ["step"]}
+            forwards = diff["backbone forward"] + diff["reference (forward or cache)"]
+            update = diff["backward"] + diff["optimizer (clip, step, zero_grad)"]
+            other = diff["step"] - sum(diff[p] for p in PHASES)
+            share = table[f"{m}/lpc-dpo"].get("latent_params", 0) / max(table[f"{m}/lpc-dpo"].get("params") or 1, 1)
+            verdict_text = (
+                "so the difference is not the latent's computation but variation between processes, which the "
+                "interval carries; no change to the latent path can remove it"
+                if own / dpo["step"] < 0.01
+                else f"at this size the latent ({100 * share:.0f}% more parameters) and its per-step Python work "
+                "are a visible part of a short step"
+            )
+            lines.append(
+                f"- {m}, LPC/DPO: the mean step differs by {diff['step']:+.1f} ms "
+                f"({100 * (lpc['step'] / dpo['step'] - 1):+.1f}%). LPC's own forward work, the latent heads "
+                f"({lpc['latent heads'] * 1e3:.1f} ms) and z added at the LM head ({head * 1e3:+.1f} ms), is "
+                f"{100 * own / dpo['step']:.2f}% of DPO's step. The forwards whose work LPC does not change "
+                f"(backbone, reference) differ by {forwards:+.1f} ms; the backward and AdamW, which LPC changes only "
+                f"by its heads ({100 * share:.1f}% more parameters), by {update:+.1f} ms; the rest (data, per-step "
+                f"metrics, Python) by {other:+.1f} ms: {verdict_text}."
+            )
+        if dpo and pre:
+            share = dpo["reference (forward or cache)"] / dpo["step"]
+            lines.append(
+                f"- {m}, precomputed/on-the-fly: the reference forward is {100 * share:.0f}% of the on-the-fly "
+                f"step, so reading cached log-probs instead can give at best {1 - share:.2f} (the rest of the step, "
+                f"backward and AdamW above all, is unchanged); the target 0.7 needs longer sequences, where the "
+                f"forward's share grows, or a sharded run, where the saving is memory."
+            )
+    return lines
+
+
+def comparison(previous: dict | None, ratios: list[dict], models: list[str]) -> list[str]:
+    """Each ratio's interval in this run beside the previous run's (rounds kept in the --json file)."""
+    if not previous:
+        return []
+    before = {(q["model"], q["ratio"]): q for q in summarize(previous, models)["ratios"]}
+    lines = [
+        "",
+        "## Against the previous run",
+        "",
+        "The previous `make bench` on this machine (its rounds were in the `--json` file this run replaced):",
+        "",
+        "| model | ratio | previous | this run | intervals overlap |",
+        "|---|---|---|---|---|",
+    ]
+    for q in ratios:
+        b = before.get((q["model"], q["ratio"]))
+        if b is None:
+            continue
+        overlap = b["low"] <= q["high"] and q["low"] <= b["high"]
+        lines.append(
+            f"| {q['model']} | {q['ratio']} | {b['value']:.3f} [{b['low']:.3f}, {b['high']:.3f}] | "
+            f"{q['value']:.3f} [{q['low']:.3f}, {q['high']:.3f}] | {'yes' if overlap else 'NO'} |"
+        )
+    return lines
+
+
+def write_report(
+    summary: dict, out: Path, command: str, models, rounds, steps, warmup, threads=1, previous=None
+) -> None:
     table = summary["table"]
     lines = [
         "# Benchmarks",
         "",
         "Written by `make bench` (benchmarks/speed.py): every configuration in a fresh process, the compared",
-        f"configurations interleaved over {rounds} rounds; ratios with a 95% bootstrap interval over the rounds.",
+        f"configurations interleaved over {rounds} rounds; a ratio is the geometric mean of the rounds' ratios with",
+        "the 95% t interval of their logs (benchmarks/speed.py `ratio_interval`: a percentile bootstrap over 4 rounds",
+        "came out too narrow to reproduce).",
         "",
         f"Command: `{command}`",
         "",
@@ -444,7 +508,7 @@ def write_report(summary: dict, out: Path, command: str, models, rounds, steps, 
             continue
         lines += [
             "",
-            f"## Where a step's time goes: {m} (ms per step, median over rounds)",
+            f"## Where a step's time goes: {m} (ms per step, mean over rounds)",
             "",
             "| phase | DPO | LPC-DPO | LPC - DPO |",
             "|---|---|---|---|",
@@ -464,6 +528,8 @@ def write_report(summary: dict, out: Path, command: str, models, rounds, steps, 
                 f"\n{m}: setup (build, round 1) {p['setup_s']:.1f} s with the one-off reference precompute for "
                 f"{256 + 16} pairs (cached, shared by a sweep), against {table[f'{m}/dpo']['setup_s']:.1f} s."
             )
+    lines += ["", "## Reading", ""] + readings(table, models)
+    lines += comparison(previous, summary["ratios"], models)
     lines += paper_scale_section(paper_scale_rows())
     lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -482,7 +548,11 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
     ap.add_argument("--out", default=str(REPO / "docs" / "speed.md"))
-    ap.add_argument("--json", default="", help="also write the raw per-round results here")
+    ap.add_argument(
+        "--json", default="", help="write the raw per-round results here; the rounds found there before the run are "
+        "the previous run, compared in the report",
+    )  # fmt: skip
+    ap.add_argument("--from-json", default="", help="write the report from these rounds instead of running")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (default 1: a second process on a 2-core "
         "machine then slows a run less than two oversubscribed threads would)",
@@ -493,6 +563,13 @@ def main() -> None:
         run_one(a.one, a.steps, a.warmup, a.threads)
         return
     models = a.models.split(",")
+    previous = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).exists() else None
+    if a.from_json:
+        results = json.loads(Path(a.from_json).read_text())
+        write_report(summarize(results, models), Path(a.out), f"python benchmarks/speed.py {' '.join(sys.argv[1:])}",
+                     models, a.rounds, a.steps, a.warmup, a.threads, previous)  # fmt: skip
+        print(f"wrote {a.out}")
+        return
     names = [n for n in configs(models) if not a.only or n in a.only.split(",")]
     results: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as cache:
@@ -512,10 +589,12 @@ def main() -> None:
                 print(f"round {r + 1}/{a.rounds} {name}: step {res.get('step_s', float('nan')):.4f} s "
                       f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+        from lpc.files import atomic_write_text
+
+        atomic_write_text(Path(a.json), json.dumps(results, indent=1) + "\n")
     summary = summarize(results, models)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
-    write_report(summary, Path(a.out), command.strip(), models, a.rounds, a.steps, a.warmup, a.threads)
+    write_report(summary, Path(a.out), command.strip(), models, a.rounds, a.steps, a.warmup, a.threads, previous)
     for q in summary["ratios"]:
         print(f"{q['model']} {q['ratio']}: {q['value']:.3f} [{q['low']:.3f}, {q['high']:.3f}] {q['verdict']}")
     print(f"wrote {a.out}")

@@ -1,6 +1,7 @@
 """benchmarks/speed.py: one configuration measured in its own process, as ``make bench`` runs it."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -50,13 +51,16 @@ def bench_module():
     return module
 
 
-def test_ratio_interval_resamples_paired_rounds():
+def test_ratio_interval_pairs_the_rounds():
     speed = bench_module()
-    assert speed.ratio_interval([2.0] * 4, [1.0] * 4) == (2.0, 2.0, 2.0)
+    assert speed.ratio_interval([2.0] * 4, [1.0] * 4) == pytest.approx((2.0, 2.0, 2.0))
     # a drift that hits both sides of every round (interleaving) leaves the paired ratio exact
-    assert speed.ratio_interval([1.0, 2.0, 3.0], [0.5, 1.0, 1.5])[1:] == (2.0, 2.0)
-    point, low, high = speed.ratio_interval([1.1, 0.9, 1.0, 1.05, 0.95], [1.0] * 5)
-    assert point == 1.0 and 0.9 < low < 1.0 < high < 1.1
+    assert speed.ratio_interval([1.0, 2.0, 3.0], [0.5, 1.0, 1.5]) == pytest.approx((2.0, 2.0, 2.0))
+    # by hand: logs of 1.1 and 0.9 have mean -0.00527, sd 0.14190; t(0.975, 1 df) = 12.706
+    point, low, high = speed.ratio_interval([1.1, 0.9], [1.0, 1.0])
+    assert point == pytest.approx(math.sqrt(0.99)) and math.log(high / point) == pytest.approx(
+        12.7062 * 0.14190 / math.sqrt(2), rel=1e-3
+    )
     assert [speed.verdict(0.98, 1.02, 1.03), speed.verdict(1.04, 1.1, 1.03), speed.verdict(1.0, 1.05, 1.03)] == [
         "met", "NOT met", "undecided (the interval straddles the target)"
     ]  # fmt: skip
@@ -75,13 +79,34 @@ def test_summary_and_report_from_rounds(tmp_path):
     summary = speed.summarize(results, ["tiny"])
     ratios = {q["ratio"]: q for q in summary["ratios"]}
     assert set(ratios) == {"LPC/DPO", "ours/TRL DPO"}  # no ratio from a failed configuration
-    assert ratios["LPC/DPO"]["value"] == pytest.approx(4.3 / 4.0) and ratios["LPC/DPO"]["rounds"] == 3
-    assert ratios["ours/TRL DPO"]["value"] == pytest.approx(0.5) and ratios["ours/TRL DPO"]["low"] == 0.5
+    assert ratios["LPC/DPO"]["value"] == pytest.approx(1.32 ** (1 / 3)) and ratios["LPC/DPO"]["rounds"] == 3
+    assert ratios["ours/TRL DPO"]["value"] == pytest.approx(0.5) and ratios["ours/TRL DPO"]["low"] == pytest.approx(0.5)
     assert summary["table"]["tiny/dpo"]["step_s"] == 1.0  # the median over rounds
     speed.paper_scale_rows = lambda: []  # the planner's section is tested in test_plan
     out = tmp_path / "speed.md"
     speed.write_report(summary, out, "python benchmarks/speed.py --rounds 3", ["tiny"], 3, 8, 2)
     md = out.read_text()
-    assert "| tiny | LPC/DPO | 1.075 | [" in md and "| tiny/dpo-precomputed | failed: boom" in md
+    assert "| tiny | LPC/DPO | 1.097 | [" in md and "| tiny/dpo-precomputed | failed: boom" in md
     assert "| tiny/trl-dpo | 3 | 2.0000 | 50 | 600 | 10 | 0 |" in md  # TRL's tokens/s: ours' tokens, TRL's time
     assert "## Where a step's time goes: tiny" in md and "| latent heads | 1.0 | 1.0 | +0.0 |" in md
+
+
+def test_readings_and_the_previous_run_come_from_the_numbers():
+    speed = bench_module()
+    dpo = {p: 0.010 for p in speed.PHASES} | {"latent heads": 0.0, "step": 0.100}
+    lpc = dpo | {"latent heads": 0.002, "LM head and log-probs": 0.011, "backbone forward": 0.0105}
+    pre = dpo | {"reference (forward or cache)": 0.001, "step": 0.091}
+    lpc_row = {"phases_s": lpc, "params": 1000, "latent_params": 10}
+    table = {"m/dpo": {"phases_s": dpo}, "m/lpc-dpo": lpc_row, "m/dpo-precomputed": {"phases_s": pre}}
+    lpc_line, pre_line = speed.readings(table, ["m"])
+    # own work: 2 ms of heads + 1 ms more at the LM head = 3% of 100 ms; the unchanged forwards differ by 0.5 ms
+    assert "is 3.00% of DPO's step" in lpc_line and "(backbone, reference) differ by +0.5 ms" in lpc_line
+    assert "the mean step differs by +0.0 ms (+0.0%)" in lpc_line and "(1.0% more parameters)" in lpc_line
+    assert "the rest (data, per-step metrics, Python) by -3.5 ms" in lpc_line  # 0 - (2 + 1 + 0.5)
+    assert "a visible part of a short step" in lpc_line  # 3% of the step is the latent's own work
+    assert "the reference forward is 10% of the on-the-fly step" in pre_line and "at best 0.90" in pre_line
+    rows = {"peak_rss_mb": 1.0}
+    previous = {"m/dpo": [rows | {"step_s": 1.0}] * 3, "m/lpc-dpo": [rows | {"step_s": 1.2}] * 3}
+    now = [{"model": "m", "ratio": "LPC/DPO", "value": 1.0, "low": 0.95, "high": 1.05}]
+    (line,) = [ln for ln in speed.comparison(previous, now, ["m"]) if ln.startswith("| m |")]
+    assert line == "| m | LPC/DPO | 1.200 [1.200, 1.200] | 1.000 [0.950, 1.050] | NO |"
