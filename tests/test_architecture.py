@@ -18,7 +18,7 @@ LAYERS = {
     "lpc.errors": 0,
     "lpc.files": 0,
     "lpc.stats": 0,
-    "lpc.hub": 0,
+    "lpc.offline": 0,
     "lpc.progress": 0,
     "lpc.conf": 0,
     "lpc.losses": 1,

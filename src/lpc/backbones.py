@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from lpc.errors import ModelUnavailable, check_choice
-from lpc.hub import hub_offline, hub_unreachable
+from lpc.offline import hub_offline, hub_unreachable
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import datasets
 
 from lpc.data import PreferenceData, conversations_to_text
 from lpc.errors import DataError, check_choice, require
-from lpc.hub import hub_offline, hub_unreachable
+from lpc.offline import hub_offline, hub_unreachable
 
 RATING_KEYS = ("overall_score", "fine-grained_score", "helpfulness", "honesty", "truthfulness", "instruction_following")
 
