@@ -51,7 +51,7 @@ docs-check: install
 	$(PY) scripts/docs_check.py $(ARGS)
 
 # Step time / peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed reference
-# (benchmarks/speed.py); writes docs/speed.md. TRL is installed only here (the bench extra).
+# (benchmarks/speed.py); writes docs/benchmarks.md. TRL is installed only here (the bench extra).
 BENCH_ARGS ?= --rounds 4 --steps 5 --warmup 1 --models tiny,smollm2 --json docs/assets/speed/rounds.json
 bench: install
 	$(PIP) install -q -c constraints-cpu.txt -e '.[bench]'

@@ -1,7 +1,7 @@
 """Step time, tokens per second and peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed
 reference, with 95% intervals that hold up on a shared machine.
 
-    python benchmarks/speed.py [--rounds R] [--steps N] [--warmup W] [--models tiny,smollm2] [--out docs/speed.md]
+    python benchmarks/speed.py [--rounds R] [--steps N] [--warmup W] [--models tiny,smollm2] [--out docs/benchmarks.md]
 
 Every configuration runs in a fresh subprocess (``--one NAME``), so its peak memory is its own (peak RSS,
 ``ru_maxrss``, includes ~0.4 GB of imports). A step is one optimizer step on one global batch (forward +
@@ -547,7 +547,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
-    ap.add_argument("--out", default=str(REPO / "docs" / "speed.md"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument(
         "--json", default="", help="write the raw per-round results here; the rounds found there before the run are "
         "the previous run, compared in the report",

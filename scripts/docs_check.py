@@ -4,7 +4,7 @@ Each check finds a claim in a document, measures the same quantity with the code
 the claimed and the measured value when they differ:
 
 * README.md: ``eval/pref_accuracy=X`` of ``make train`` (the default run, trained here: ~1-2 min on 2 cores);
-* README.md and docs/: "0.65M-parameter" (the tiny Llama's parameter count), docs/speed.md's parameter columns
+* README.md and docs/: "0.65M-parameter" (the tiny Llama's parameter count), docs/benchmarks.md's parameter columns
   (tiny and SmolLM2-135M, built here, and the LPC latent's parameters at K = 32);
 * docs/synthetic-benchmark.md: the share of labels the generator's Bradley-Terry noise flips at the documented
   temperature, the runs each benchmark-synthetic group of the Makefile makes and their total;
@@ -190,15 +190,18 @@ class Checker:
             text = self.read(rel)
             for c in re.findall(r"(\d+\.\d+M)-parameter|tiny Llama \((\d+\.\d+M) parameters", text):
                 self.add(rel, "the tiny Llama's parameters", c[0] or c[1], tiny_m)
-        speed = self.read("docs/speed.md")
+        speed = self.read("docs/benchmarks.md")
         m = re.search(r"heads add (\d+\.\d+M) parameters to SmolLM2-135M \((\d+\.\d+)%\)", speed)
         if m:
             lm, lat = (int(x) for x in self.measure("params:smollm2", model_parameters, "smollm2").split(","))
-            self.add("docs/speed.md", "the latent's parameters on SmolLM2", m.group(1), f"{lat / 1e6:.2f}M")
-            self.add("docs/speed.md", "the latent's share on SmolLM2", f"{m.group(2)}%", f"{100 * lat / lm:.1f}%")
+            self.add("docs/benchmarks.md", "the latent's parameters on SmolLM2", m.group(1), f"{lat / 1e6:.2f}M")
+            self.add("docs/benchmarks.md", "the latent's share on SmolLM2", f"{m.group(2)}%", f"{100 * lat / lm:.1f}%")
         for c in re.findall(r"tiny model the heads are (\d+)% of the\s+parameters", speed):
             self.add(
-                "docs/speed.md", "the latent's share on the tiny model", f"{c}%", f"{100 * tiny_latent / tiny:.0f}%"
+                "docs/benchmarks.md",
+                "the latent's share on the tiny model",
+                f"{c}%",
+                f"{100 * tiny_latent / tiny:.0f}%",
             )
         rows = re.findall(r"^\| (\w+)/([\w-]+) \|.*\| ([\d,]+) \| ([\d,]+) \|$", speed, re.MULTILINE)
         counts = {"tiny": (tiny, tiny_latent)}
@@ -208,9 +211,9 @@ class Checker:
                     int(x) for x in self.measure(f"params:{model}", model_parameters, model).split(",")
                 )
             lm_params, latent_params = counts[model]
-            self.add("docs/speed.md", f"{model}/{config} params", params, f"{lm_params:,}")
+            self.add("docs/benchmarks.md", f"{model}/{config} params", params, f"{lm_params:,}")
             expected_latent = latent_params if config.startswith("lpc") else 0
-            self.add("docs/speed.md", f"{model}/{config} latent params", latent, f"{expected_latent:,}")
+            self.add("docs/benchmarks.md", f"{model}/{config} latent params", latent, f"{expected_latent:,}")
 
     def flip_rate(self) -> None:
         rel = "docs/synthetic-benchmark.md"

@@ -1,5 +1,5 @@
 """make docs-check (scripts/docs_check.py) and the expensive tables' provenance: docs/synthetic-benchmark.md's
-and docs/speed.md's headers must match the Makefile settings and the config that would make them today."""
+and docs/benchmarks.md's headers must match the Makefile settings and the config that would make them today."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_every_other_cheap_figure_matches_and_an_edit_to_each_fails(tmp_path, ca
     assert docs_check.main(["--root", str(root), "--only", checks]) == 0
     edits = {
         "docs/experiments.md": ("x 3 x 2 x 5 = 90 runs", "x 3 x 2 x 5 = 80 runs"),
-        "docs/speed.md": ("| 654,208 | 61,760 |", "| 654,208 | 61,761 |"),
+        "docs/benchmarks.md": ("| 654,208 | 61,760 |", "| 654,208 | 61,761 |"),
         "docs/synthetic-benchmark.md": ("T = 0.1 flips 10-11% of the labels", "T = 0.1 flips 19-21% of the labels"),
         "README.md": ("~0.65M-parameter", "~0.75M-parameter"),
     }
@@ -93,7 +93,7 @@ def test_every_other_cheap_figure_matches_and_an_edit_to_each_fails(tmp_path, ca
     fails = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FAIL")]
     assert fails == [
         "FAIL README.md: the tiny Llama's parameters: claimed 0.75M, measured 0.65M",
-        "FAIL docs/speed.md: tiny/lpc-dpo latent params: claimed 61,761, measured 61,760",
+        "FAIL docs/benchmarks.md: tiny/lpc-dpo latent params: claimed 61,761, measured 61,760",
         "FAIL docs/synthetic-benchmark.md: labels flipped at T = 0.1: claimed 19-21%, measured 10.0%",
         "FAIL docs/experiments.md: jobs of experiment=table1 scale=paper: claimed 80, measured 90",
     ]
@@ -153,11 +153,11 @@ def test_synthetic_benchmark_tables_match_the_generator_config_of_today():
 
 
 def test_speed_table_carries_its_commit_and_the_makefiles_command():
-    """docs/speed.md: the command is `make bench`'s (BENCH_ARGS), the batch and length are benchmarks/speed.py's,
+    """docs/benchmarks.md: the command is `make bench`'s (BENCH_ARGS), the batch and length are benchmarks/speed.py's,
     the configurations are the script's, and the commit that recorded the numbers is named. Changing BENCH_ARGS
     or the script's settings without rerunning `make bench` fails here."""
     docs_check = load_docs_check()
-    doc = (REPO / "docs" / "speed.md").read_text()
+    doc = (REPO / "docs" / "benchmarks.md").read_text()
     bench_args = docs_check.makefile_variables((REPO / "Makefile").read_text())["BENCH_ARGS"]
     assert f"Command: `python benchmarks/speed.py {bench_args}`" in doc
     models = re.search(r"--models (\S+)", bench_args).group(1).split(",")

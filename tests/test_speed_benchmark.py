@@ -83,7 +83,7 @@ def test_summary_and_report_from_rounds(tmp_path):
     assert ratios["ours/TRL DPO"]["value"] == pytest.approx(0.5) and ratios["ours/TRL DPO"]["low"] == pytest.approx(0.5)
     assert summary["table"]["tiny/dpo"]["step_s"] == 1.0  # the median over rounds
     speed.paper_scale_rows = lambda: []  # the planner's section is tested in test_plan
-    out = tmp_path / "speed.md"
+    out = tmp_path / "benchmarks.md"
     speed.write_report(summary, out, "python benchmarks/speed.py --rounds 3", ["tiny"], 3, 8, 2)
     md = out.read_text()
     assert "| tiny | LPC/DPO | 1.097 | [" in md and "| tiny/dpo-precomputed | failed: boom" in md
