@@ -25,9 +25,7 @@ def build_datasets(cfg: DictConfig, tokenizer, pairs=None):
     """The ``data`` node's object (a ``lpc.data.PreferenceData``) runs its pipeline: ``(train, eval, stats)``;
     ``pairs`` (from :func:`prepare_pairs`) skips its text stages."""
     data = instantiate(cfg.data)
-    if pairs is None:
-        pairs = prepare_pairs(cfg)
-    text, text_stats = pairs
+    text, text_stats = pairs if pairs is not None else data.pairs()  # one data object for both stages
     train, eval_ds, stats = data.tokenize(text, tokenizer, cfg.trainer.max_length, cfg.trainer.max_prompt_length)
     return train, eval_ds, {**text_stats, **stats}
 
