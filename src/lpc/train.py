@@ -47,8 +47,10 @@ def refuse(err: Exception, message: str) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")  # lpc/conf/
 def train(cfg: DictConfig) -> float:
     from lpc.config import ConfigError, validate
+    from lpc.environment import check_environment
 
     try:
+        check_environment()  # OMP_NUM_THREADS: before accelerate parses it in a launch of several processes
         validate(cfg)  # before any model or data is loaded
     except ConfigError as err:
         refuse(err, f"config error: {err}")
