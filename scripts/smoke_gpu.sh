@@ -95,7 +95,8 @@ log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitl
 first = next(r for r in log if "loss" in r)
 keys = ["status", "train/steps", "train/num_processes", "train/global_batch_size", "train/gradient_accumulation_steps",
         "train/wall_time_s", "eval/loss", "eval/margin", "eval/pref_accuracy", "eval/pref_accuracy/z_zero",
-        "eval/codes_used", "eval/latent/inert", "eval/latent/z_hidden_norm_ratio"]
+        "eval/codes_used", "eval/latent/inert", "eval/latent/z_hidden_norm_ratio", "eval/lm/nll_ratio",
+        "eval/lm/text_nll/zero", "eval/lm/text_nll/reference", "eval/lm/repeat_rate", "eval/lm/damaged"]
 for k in keys:
     if k in m:
         print(f"  {k} = {m[k]}")
@@ -110,8 +111,18 @@ if m.get("train/num_processes") != procs:
     problems.append(f"train/num_processes = {m.get('train/num_processes')} (expected {procs})")
 if not all(math.isfinite(r["loss"]) for r in log if "loss" in r):
     problems.append("a non-finite loss in train_log.jsonl")
-if abs(first["loss"] - math.log(2)) > 0.1:  # z moves it from ln 2 (docs/gpu-checklist.md): a note, not a failure
-    print(f"  NOTE: step {first['step']} loss {first['loss']:.4f} is more than 0.1 from ln 2")
+# step 1: the policy is the reference (z = gate x code, the gate starts at 0), so DPO's part of the loss is ln 2
+dpo_part = first["loss"] - first.get("latent/kl_weight", 0.0) * first.get("latent/kl", 0.0)
+if abs(first.get("rewards/margins", 0.0)) > 1e-3 or abs(dpo_part - math.log(2)) > 0.02:
+    problems.append(
+        f"step {first['step']}: loss - kl_weight x latent/kl = {dpo_part:.4f}, rewards/margins "
+        f"{first.get('rewards/margins')} (expected ln 2 = 0.6931 and 0: the policy must start at the reference)"
+    )
+if m.get("eval/lm/damaged"):
+    problems.append(
+        f"eval/lm/damaged: plain-text NLL ratio {m.get('eval/lm/nll_ratio')} (at most 1.05), greedy answers' "
+        f"repeat rate {m.get('eval/lm/repeat_rate')} (reference {m.get('eval/lm/repeat_rate/reference')})"
+    )
 for f in ("final/config.json", "final/model.safetensors", "final/latent.safetensors", "checkpoints/step-20"):
     if not any(run.glob(f + "*")):
         problems.append(f"no {f}")

@@ -26,7 +26,8 @@ HW, HL = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0,
 
 # ---------------------------------------------------------------------- continuous
 def continuous(**kw):
-    lat = ContinuousLatent(hidden_size=2, head_hidden_size=3, **kw)
+    # no gate unless a test asks for one: z is then the heads' arithmetic alone (the gate's own tests are below)
+    lat = ContinuousLatent(hidden_size=2, head_hidden_size=3, **{"gate_init": None, **kw})
     constant_head(lat.prior, [0.5, -1.0, math.log(4.0), 0.0])  # mu_p = (0.5, -1), logvar_p = (ln 4, 0)
     constant_head(lat.posterior, [1.0, 2.0, 0.0, math.log(0.25)])  # mu_q = (1, 2), logvar_q = (0, ln 1/4)
     lat.calibrate(6.0)  # z_scale = mean_scale x 6 / sqrt(2)
@@ -127,7 +128,7 @@ def test_continuous_forward_at_evaluation_by_hand():
 
 # ---------------------------------------------------------------------- discrete
 def discrete(**kw):
-    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, **kw)
+    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, **{"gate_init": None, **kw})
     with torch.no_grad():
         lat.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]))
     constant_head(lat.prior, [math.log(2.0), 0.0, math.log(1.0)])  # p = (1/2, 1/4, 1/4)
@@ -292,3 +293,45 @@ def test_heads_in_double_precision_read_float_hidden_states():
     lat = discrete().double()
     out = lat(H, HW, HL, mode="prior")  # float32 inputs, float64 heads
     assert out.prior_probs.dtype == torch.float64 and out.kl.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------- the gate
+@pytest.mark.parametrize("make", [discrete, continuous])
+def test_the_gate_scales_every_z_and_starts_it_at_zero(make):
+    """z = gate x the ungated z, in training (same noise), at the prior, for codes and the posterior's z."""
+    plain, gated = make(), make(gate_init=0.5)
+    torch.manual_seed(3)
+    z_plain = plain(H, HW, HL, progress=0.3).z
+    torch.manual_seed(3)
+    out = gated(H, HW, HL, progress=0.3)
+    torch.testing.assert_close(out.z, 0.5 * z_plain)
+    assert out.metrics["latent/gate"].item() == 0.5
+    torch.testing.assert_close(gated(H, HW, HL, mode="prior").z, 0.5 * plain(H, HW, HL, mode="prior").z)
+    torch.testing.assert_close(
+        gated(H, HW, HL, mode="prior").z_posterior, 0.5 * plain(H, HW, HL, mode="prior").z_posterior
+    )
+    if hasattr(plain, "codebook_size"):
+        torch.testing.assert_close(gated.code_vector(2), torch.tensor([-1.5, 0.0]))
+    closed = make(gate_init=0.0)
+    z = closed(H, HW, HL, progress=0.3).z
+    assert torch.count_nonzero(z) == 0
+    # the first gradient reaches the gate alone: d z / d codes = gate = 0, d z / d gate = the ungated z
+    (z * torch.tensor([1.0, -2.0])).sum().backward()
+    assert closed.gate.grad.item() != 0.0
+    for name, p in closed.named_parameters():
+        if name != "gate" and p.grad is not None:
+            assert torch.count_nonzero(p.grad) == 0, name
+
+
+def test_zero_codes_give_z_zero_and_grow_from_their_own_pairs():
+    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, gate_init=None, codebook_init="zeros")
+    lat.calibrate(10.0)  # zeros stay zeros
+    assert torch.count_nonzero(lat.codebook) == 0
+    lat.hard, tau = True, 1.0
+    torch.manual_seed(0)
+    z = lat(H, HW, HL, progress=0.0).z
+    assert torch.count_nonzero(z) == 0
+    z.sum().backward()
+    # straight-through one-hot samples: each code's gradient is the number of rows that drew it (x d sum / d z = 1)
+    assert sorted(lat.codebook.grad[:, 0].tolist()) == sorted(lat.codebook.grad[:, 1].tolist())
+    assert lat.codebook.grad.sum().item() == pytest.approx(2 * 2 * tau)  # 2 rows, 2 dimensions

@@ -86,7 +86,8 @@ def by_hand(lm, z=None, where="head"):
 
 def test_response_logps_without_z_and_with_logits(lm):
     hidden = lm.model(input_ids=IDS, attention_mask=ATTN).last_hidden_state.detach()
-    sums, counts, logit_sums = response_logps(lm, hidden, BATCH, with_logits=True)
+    sums, counts, logit_sums, z_kl = response_logps(lm, hidden, BATCH, with_logits=True, z_kl=True)
+    assert z_kl is None  # no z: nothing to compare
     ref_sums, ref_counts, ref_logits = by_hand(lm)
     torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-5)
     assert counts.tolist() == ref_counts.tolist() == [2, 2, 2, 1]
@@ -100,12 +101,30 @@ def test_response_logps_with_z_at_the_head(lm, z_positions):
     model = PreferenceModel(lm, None)
     hidden = lm.model(input_ids=IDS, attention_mask=ATTN).last_hidden_state.detach()
     model.latent = SimpleNamespace(z_positions=z_positions)
-    sums, counts, logit_sums = model.score(hidden, BATCH, Z, with_logits=True)
+    sums, counts, logit_sums, z_kl = model.score(hidden, BATCH, Z, with_logits=True)
+    assert z_kl is None  # not asked for
     ref_sums, _, ref_logits = by_hand(lm, Z)
     torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logit_sums, ref_logits, atol=1e-5, rtol=1e-5)
     assert counts.tolist() == [2, 2, 2, 1]
     assert (sums - by_hand(lm)[0]).abs().min() > 1e-3  # z changes every row's score
+
+
+def test_z_kl_is_the_response_tokens_kl_to_the_lm_without_z(lm):
+    """latent.lm_kl_weight's penalty: per row, the sum over response positions of KL(softmax(W(h+z)) || softmax(W h)),
+    from the full forward."""
+    hidden = lm.model(input_ids=IDS, attention_mask=ATTN).last_hidden_state.detach()
+    z_kl = response_logps(lm, hidden, BATCH, torch.cat([Z, Z]), with_logits=True, z_kl=True)[3]
+    with torch.no_grad():
+        h = lm.model.norm(norm_input(lm))
+        log_p = lm.lm_head(h + torch.cat([Z, Z])[:, None, :]).log_softmax(-1)
+        log_p0 = lm.lm_head(h).log_softmax(-1)
+    expected = [
+        sum((log_p[i, t - 1].exp() * (log_p[i, t - 1] - log_p0[i, t - 1])).sum().item() for t in range(1, 5) if RESP[i, t])
+        for i in range(4)
+    ]
+    torch.testing.assert_close(z_kl, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert (z_kl > 0).all()
 
 
 @pytest.mark.parametrize("z_positions", ["response", "all"])

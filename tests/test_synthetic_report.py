@@ -23,8 +23,10 @@ def fake_run(root, name, overrides, metrics, status="completed"):
     (run / "metrics.json").write_text(json.dumps({"status": status, **metrics}))
 
 
-def lpc_metrics(acc, shuffled, flips, entropy, codes, nmi):
+def lpc_metrics(acc, shuffled, flips, entropy, codes, nmi, nll_ratio=1.0, damaged=0.0):
     return {
+        "eval/lm/nll_ratio": nll_ratio,
+        "eval/lm/damaged": damaged,
         "eval/pref_accuracy": acc,
         "eval/ceiling": 1.0,
         "eval/pref_accuracy/z_shuffled": shuffled,
@@ -41,9 +43,9 @@ def test_report_tables_by_hand(tmp_path, capsys):
     root = tmp_path / "runs"
     fake_run(root, "dpo0", ["latent=none", "seed=0"], {"eval/pref_accuracy": 0.80, "eval/ceiling": 1.0})
     fake_run(root, "dpo1", ["latent=none", "seed=1"], {"eval/pref_accuracy": 0.90, "eval/ceiling": 1.0})
-    fake_run(root, "lpc0", ["latent=discrete", "seed=0"], lpc_metrics(0.90, 0.7, 0.1, 0.5, 2, 0.9))
-    fake_run(root, "lpc1", ["latent=discrete", "seed=1"], lpc_metrics(0.96, 0.8, 0.2, 0.7, 4, 1.0))
-    fake_run(root, "lr10", ["latent=discrete", "latent.lr_multiplier=10", "seed=0"], lpc_metrics(0.95, 0.6, 0, 1, 1, 0))
+    fake_run(root, "lpc0", ["latent=discrete", "seed=0"], lpc_metrics(0.90, 0.7, 0.1, 0.5, 2, 0.9, 1.01))
+    fake_run(root, "lpc1", ["latent=discrete", "seed=1"], lpc_metrics(0.96, 0.8, 0.2, 0.7, 4, 1.0, 1.03))
+    fake_run(root, "lr10", ["latent=discrete", "latent.lr_multiplier=10", "seed=0"], lpc_metrics(0.95, 0.6, 0, 1, 1, 0, 1.2, 1.0))
     fake_run(root, "unfinished", ["latent=discrete", "seed=2"], {"eval/pref_accuracy": 0.1}, status="running")
     assert main([str(root), "--out", str(tmp_path / "out"), "--command", "make benchmark-synthetic"]) == 0
     md = (tmp_path / "out" / "benchmark.md").read_text()
@@ -54,11 +56,13 @@ def test_report_tables_by_hand(tmp_path, capsys):
     # LPC: 93.0 ± 12.7062 x 3.0; paired differences 10 and 6 points: +8.0 ± 12.7062 x 2.0, t = 4 on 1 degree of
     # freedom: p = 1 - 2 atan(4) / pi = 0.156; the other cells likewise (NMI and entropy unscaled, 2 digits)
     # lr10 (one seed): values alone, its difference to DPO's seed 0 is +15.0 points with no interval
+    # NLL ratios 1.01 and 1.03: 1.020 ± 12.7062 x 0.01414 / sqrt 2 = 0.127 (3 digits); LM damaged 0 twice
     assert rows == [
-        "| DPO | 2 | 85.0 ± 63.5 | 100.0 ± 0.0 | - | - | - | - | - | - | - |",
+        "| DPO | 2 | 85.0 ± 63.5 | 100.0 ± 0.0 | - | - | - | - | - | - | - | - | - |",
         "| LPC-DPO | 2 | 93.0 ± 38.1 | 100.0 ± 0.0 | +8.0 ± 25.4, p = 0.16 | 75.0 ± 63.5 | 15.0 ± 63.5 | 100.0 ± 0.0 "
-        "| 0.60 ± 1.27 | 3.0 ± 12.7 | 0.95 ± 0.64 (0.10 ± 0.00) |",
-        "| LPC-DPO [latent.lr_multiplier=10] | 1 | 95.0 | 100.0 | +15.0 | 60.0 | 0.0 | 100.0 | 1.00 | 1.0 | 0.00 (0.10) |",
+        "| 0.60 ± 1.27 | 3.0 ± 12.7 | 0.95 ± 0.64 (0.10 ± 0.00) | 1.020 ± 0.127 | 0.0 ± 0.0 |",
+        "| LPC-DPO [latent.lr_multiplier=10] | 1 | 95.0 | 100.0 | +15.0 | 60.0 | 0.0 | 100.0 | 1.00 | 1.0 | 0.00 (0.10) "
+        "| 1.200 | 1.0 |",
     ]
     rows_json = json.loads((tmp_path / "out" / "benchmark.json").read_text())
     lpc = next(r for r in rows_json if r["method"] == {"algo": "dpo", "latent": "discrete", "options": []})
@@ -66,3 +70,16 @@ def test_report_tables_by_hand(tmp_path, capsys):
     assert lpc["vs_baseline"]["mean_diff"] == pytest.approx(0.08) and lpc["vs_baseline"]["p_value"] == pytest.approx(
         1 - 2 * math.atan(4) / math.pi
     )
+
+
+def test_the_pretrained_tier_is_its_own_table_titled_with_model_and_lm_rate(tmp_path):
+    root = tmp_path / "runs"
+    run = root / "smol"
+    (run / ".hydra").mkdir(parents=True)
+    overrides = ["experiment=synthetic_pretrained", "latent=discrete", "seed=0"]
+    OmegaConf.save(compose(overrides), run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    (run / "metrics.json").write_text(json.dumps({"status": "completed", **lpc_metrics(0.7, 0.6, 0.1, 0.2, 2, 1.0)}))
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "**smollm2, LM lr 5e-07, 2 types, conflict 1, tag always, 80 steps**" in md

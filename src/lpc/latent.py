@@ -13,12 +13,16 @@ the training z from the posterior's sample (g = 0) to the prior's (g = 1), the G
 annealing and the KL warm-up. Every choice the paper left open is a constructor argument;
 docs/method.md gives the defaults and the measurements behind them.
 
-Why the defaults are not the "small and gentle" ones: z acts only through ``W_lm z``, a per-sequence
-logit offset. Codes drawn at std 0.02 have norm ~0.3 against ~11 for the hidden state they are added
-to, so at the shared learning rate they barely move, every soft Gumbel mixture is nearly the same
-vector, and the prior gets no signal: the latent stays inert (measured: z = 0 changed 0-2 of 256
-decisions). Codes at the hidden state's scale, straight-through one-hot samples and a larger learning
-rate for the latent's parameters make the codes distinct from the first step (docs/synthetic-benchmark.md).
+Why z starts at exactly 0 and grows through a gate: z acts only through ``W_lm z``, a per-sequence logit
+offset. Codes far below the hidden state's norm (std 0.02: ~0.3 against ~11) never act, at any learning
+rate a run can afford; codes at the hidden state's norm act, but on a pretrained LM they are a random
+offset of the size of the state itself (SmolLM2: NLL 3.4 -> 9.7 nats/token before any step), so the
+policy is not the reference at step 0, as DPO requires. With ``gate_init=0`` the codes keep their
+distinct directions at the hidden state's norm while ``z = gate x code`` is 0 at step 0 (the zero-conv /
+LoRA trick): the first step's gradient reaches the gate alone, and the latent's own absolute learning
+rate (``lr``: the gate is z's norm over the hidden state's, so the same value means the same on every
+backbone) lets it grow at the paper's LM learning rates, where a multiple of 5e-7 would not move it
+(docs/method.md, "LPC on a pretrained LM").
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ DISCRETE_INFERENCE = ("expectation", "argmax", "sample")
 CONTINUOUS_INFERENCE = ("mean", "sample")
 Z_POSITIONS = ("response", "all")
 Z_INJECTIONS = ("head", "pre_norm")
-CODEBOOK_INITS = ("hidden", "normal")
+CODEBOOK_INITS = ("hidden", "normal", "zeros")
 
 
 @dataclass
@@ -117,7 +121,10 @@ class _LatentBase(nn.Module):
     ``head_hidden_size`` the prior/posterior MLP width (None: the backbone's); ``mix_schedule``,
     ``mix_start``, ``mix_end``, ``mix_value`` the g schedule; ``z_positions`` response | all;
     ``z_injection`` head (z added to the LM head's input, after the final norm) | pre_norm (before it);
-    ``lr_multiplier`` the latent's learning rate over the LM's."""
+    ``gate_init`` the start of a learned scalar gain on z (0: z = 0 at step 0, the policy is the
+    reference; None: no gain, z is the code itself); ``lr`` the latent's absolute learning rate (None:
+    the LM's x ``lr_multiplier``); ``lm_kl_weight`` mu of a penalty mu x KL(pi(.|x,z) || pi(.|x,0)) per
+    response token, read by the policy and the trainer (0: off)."""
 
     def __init__(
         self,
@@ -135,6 +142,9 @@ class _LatentBase(nn.Module):
         z_positions: str = "response",
         z_injection: str = "head",
         lr_multiplier: float = 1.0,
+        gate_init: float | None = 0.0,
+        lr: float | None = None,
+        lm_kl_weight: float = 0.0,
     ):
         super().__init__()
         check_choice("latent.posterior_input", posterior_input, POSTERIOR_INPUTS)
@@ -145,12 +155,21 @@ class _LatentBase(nn.Module):
         require_number("latent.lr_multiplier", lr_multiplier, "a number > 0", lambda v: v > 0)
         require_number("latent.kl_warmup", kl_warmup, "a fraction of training in [0, 1]", lambda v: 0 <= v <= 1)
         require_number("latent.kl_free_bits", kl_free_bits, "a number of nats >= 0", lambda v: v >= 0)
+        require_number("latent.lm_kl_weight", lm_kl_weight, "a number >= 0 (0: no penalty)", lambda v: v >= 0)
+        if lr is not None:
+            require_number("latent.lr", lr, "null (the LM's lr x lr_multiplier) or a number > 0", lambda v: v > 0)
+        if gate_init is not None:
+            require_number("latent.gate_init", gate_init, "null (no gate) or a number (0: z = 0 at step 0)")
         for key, v in (("mix_start", mix_start), ("mix_end", mix_end), ("mix_value", mix_value)):
             require_number(f"latent.{key}", v, "a number in [0, 1]", lambda x: 0 <= x <= 1)
         self.hidden_size, self.kl_weight, self.name = hidden_size, kl_weight, name
         self.posterior_input, self.z_positions, self.z_injection = posterior_input, z_positions, z_injection
         # Read by the trainer: the optimizer gives the latent's parameters lr x lr_multiplier.
         self.lr_multiplier = float(lr_multiplier)
+        self.lr = None if lr is None else float(lr)
+        self.lm_kl_weight = float(lm_kl_weight)
+        # z = gate x (the latent's own z): a scalar, so it reads as ||z|| / ||h|| for codes at the hidden norm
+        self.gate = None if gate_init is None else nn.Parameter(torch.tensor(float(gate_init)))
         self.kl_warmup, self.kl_free_bits = float(kl_warmup), float(kl_free_bits)
         self.mix = dict(schedule=mix_schedule, start=mix_start, end=mix_end, value=mix_value)
         self.head_hidden_size = head_hidden_size or hidden_size
@@ -173,6 +192,10 @@ class _LatentBase(nn.Module):
 
     def calibrate(self, hidden_norm: float) -> None:
         """Called once with the backbone's typical final hidden-state norm (see ``lpc.policy``)."""
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the learned gain (unchanged without one)."""
+        return x if self.gate is None else self.gate * x
 
     @property
     def dtype(self):
@@ -209,8 +232,9 @@ class DiscreteLatent(_LatentBase):
         self.temperature, self.temperature_min = float(temperature), temperature_min
         self.codebook_init, self.codebook_init_scale = codebook_init, float(codebook_init_scale)
         # "normal": i.i.d. N(0, scale^2) entries; "hidden": rescaled in calibrate() to rows of norm
-        # scale x the hidden state's norm (the draw is the same, only its length changes).
-        std = codebook_init_scale if codebook_init == "normal" else 1.0 / math.sqrt(hidden_size)
+        # scale x the hidden state's norm (the draw is the same, only its length changes); "zeros": every
+        # code 0 (z = 0 at step 0 without a gate; codes then grow apart from their own pairs' gradients).
+        std = {"normal": codebook_init_scale, "hidden": 1.0 / math.sqrt(hidden_size), "zeros": 0.0}[codebook_init]
         self.codebook = nn.Parameter(torch.randn(codebook_size, hidden_size) * std)
         self.prior = _mlp(hidden_size, self.head_hidden_size, codebook_size)
         self.posterior = _mlp(self.posterior_in, self.head_hidden_size, codebook_size)
@@ -221,25 +245,29 @@ class DiscreteLatent(_LatentBase):
                 rows = self.codebook.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 self.codebook.mul_(self.codebook_init_scale * hidden_norm / rows)
 
+    def codes(self) -> torch.Tensor:
+        """The K vectors z is made of: the codebook through the gate."""
+        return self.gated(self.codebook)
+
     def code_vector(self, k: int) -> torch.Tensor:
         if not 0 <= k < self.codebook_size:
             raise ValueError(f"code must be in [0, {self.codebook_size - 1}], got {k}")
-        return self.codebook[k]
+        return self.codes()[k]
 
     def tau(self, progress: float) -> float:
         return annealed_temperature(progress, self.temperature, self.temperature_min)
 
     def _sample(self, logits, tau: float):
-        return F.gumbel_softmax(logits, tau=tau, hard=self.hard) @ self.codebook
+        return F.gumbel_softmax(logits, tau=tau, hard=self.hard) @ self.codes()
 
     def prior_z(self, p_logits: torch.Tensor, inference: str | None = None) -> torch.Tensor:
         mode = inference or self.inference
         if mode == "expectation":
-            return p_logits.softmax(-1) @ self.codebook
+            return p_logits.softmax(-1) @ self.codes()
         if mode == "argmax":
-            return self.codebook[p_logits.argmax(-1)]
+            return self.codes()[p_logits.argmax(-1)]
         if mode == "sample":
-            return F.gumbel_softmax(p_logits, tau=self.temperature, hard=True) @ self.codebook
+            return F.gumbel_softmax(p_logits, tau=self.temperature, hard=True) @ self.codes()
         raise ValueError(f"latent.inference must be one of {DISCRETE_INFERENCE}, got {mode!r}")
 
     def prior_logits(self, h_prompt):
@@ -267,7 +295,7 @@ class DiscreteLatent(_LatentBase):
         elif mode == "prior":
             g, z = 1.0, self.prior_z(p_logits)
             if q_logits is not None:
-                z_post = self.codebook[q_logits.argmax(-1)]
+                z_post = self.codes()[q_logits.argmax(-1)]
         else:
             raise ValueError(f"mode must be 'train' or 'prior', got {mode!r}")
         kl = categorical_kl(q_logits, p_logits) if q_logits is not None else torch.zeros_like(p_logits[:, 0])
@@ -287,6 +315,8 @@ class DiscreteLatent(_LatentBase):
             "latent/prior_posterior_agreement": (p.argmax(-1) == q.argmax(-1)).float().mean(),
             "latent/z_norm": z.detach().norm(dim=-1).mean(),
         }
+        if self.gate is not None:
+            metrics["latent/gate"] = self.gate.detach()
         return LatentOutput(
             z=z,
             kl=kl,
@@ -304,9 +334,10 @@ class ContinuousLatent(_LatentBase):
     The heads describe ``u ~ N(mu, diag(exp(logvar)))`` in units of ``z_scale``, and ``z = z_scale * u``
     with ``z_scale = mean_scale x hidden_norm / sqrt(d)`` (set by ``calibrate``): a u of unit RMS per
     coordinate is a z of mean_scale x the hidden state's norm. The KL, invariant to that common scale,
-    is computed on u. The mean heads start at zero (z starts at 0) with log-variance ``init_logvar``.
-    A tiny initial variance (the former -8) made KL(q||p) = 0.5 e^8 |mu_q - mu_p|^2 at the start, so the
-    posterior could carry nothing and z stayed at 0 (measured: z / hidden norm 0.001, no decision changed)."""
+    is computed on u. The mean heads start at zero with log-variance ``init_logvar``, so the training
+    samples u ~ N(0, exp(init_logvar)) are not 0: only the gate (``gate_init=0``) makes z = 0 at step 0.
+    A tiny initial variance (-8) made KL(q||p) = 0.5 e^8 |mu_q - mu_p|^2 at the start, so the posterior
+    could carry nothing and z stayed at 0 (measured: z / hidden norm 0.001, no decision changed)."""
 
     def __init__(
         self,
@@ -343,9 +374,13 @@ class ContinuousLatent(_LatentBase):
     def _sample(mu, logvar):
         return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
 
+    def scale(self) -> torch.Tensor:
+        """z per unit of u: z_scale through the gate."""
+        return self.gated(self.z_scale)
+
     def prior_z(self, h_prompt, inference: str | None = None):
         mu, logvar = self._params(self.prior, h_prompt)
-        return self.z_scale * (mu if (inference or self.inference) == "mean" else self._sample(mu, logvar))
+        return self.scale() * (mu if (inference or self.inference) == "mean" else self._sample(mu, logvar))
 
     def forward(
         self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train"
@@ -361,10 +396,10 @@ class ContinuousLatent(_LatentBase):
         elif mode == "prior":
             g = 1.0
             u = mu_p if self.inference == "mean" else self._sample(mu_p, lv_p)
-            z_post = self.z_scale * post[0] if post is not None else None
+            z_post = self.scale() * post[0] if post is not None else None
         else:
             raise ValueError(f"mode must be 'train' or 'prior', got {mode!r}")
-        z = self.z_scale * u
+        z = self.scale() * u
         kl = gaussian_kl(*post, mu_p, lv_p) if post is not None else torch.zeros_like(mu_p[:, 0])
         metrics = {
             "latent/kl": kl.detach().mean(),
@@ -372,4 +407,6 @@ class ContinuousLatent(_LatentBase):
             "latent/prior_std": (0.5 * lv_p.detach()).exp().mean(),
             "latent/z_norm": z.detach().norm(dim=-1).mean(),
         }
-        return LatentOutput(z=z, kl=kl, metrics=metrics, prior_mean=self.z_scale * mu_p, z_posterior=z_post)
+        if self.gate is not None:
+            metrics["latent/gate"] = self.gate.detach()
+        return LatentOutput(z=z, kl=kl, metrics=metrics, prior_mean=self.scale() * mu_p, z_posterior=z_post)

@@ -22,6 +22,7 @@ class PolicyOutput(NamedTuple):
     n_tokens: torch.Tensor  # (2B,) number of scored response tokens
     latent: object | None  # the latent module's output (LatentOutput) or None
     logit_sums: torch.Tensor | None = None  # (2B,) per row, the sum over response tokens of the mean logit
+    z_kl: torch.Tensor | None = None  # (2B,) per row, sum over response tokens of KL(pi(.|z) || pi(.|z=0))
 
 
 def backbone_of(lm: nn.Module) -> nn.Module:
@@ -66,6 +67,7 @@ def response_logps(
     z_positions: str = "response",
     pre_norm: torch.Tensor | None = None,
     with_logits: bool = False,
+    z_kl: bool = False,
 ):
     """Summed log-probs of the response tokens, computing logits only where they are scored:
     ``(sums, counts)``, and with ``with_logits`` a third tensor, each row's sum over its response tokens of
@@ -76,7 +78,9 @@ def response_logps(
     ``z_positions="all"`` adds z at every position and runs the head over all of them (as
     :func:`conditioned_on` does at generation); the scored log-probs are the same, at more cost.
     With ``pre_norm`` (the final norm's input, ``latent.z_injection=pre_norm``) z is added before the
-    final norm instead: ``logits = W norm(h_pre + z)``."""
+    final norm instead: ``logits = W norm(h_pre + z)``.
+    ``z_kl`` (with ``with_logits``): a fourth tensor, each row's sum over its response tokens of
+    ``KL(softmax(logits with z) || softmax(logits without z))`` (``latent.lm_kl_weight``; None otherwise)."""
     target_mask = batch["response_mask"][:, 1:]  # token t+1 is predicted from position t
     rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(target_mask)[target_mask]
     head = lm.get_output_embeddings()
@@ -100,10 +104,17 @@ def response_logps(
     counts = torch.bincount(rows, minlength=n)
     if with_logits:
         mean_logit = logits.detach().mean(-1)
+        kl_sums = None
+        if z_kl and z is not None:  # one more head pass over the scored positions, without z
+            log_p = logits.log_softmax(-1)
+            log_p0 = head(hidden[:, :-1][target_mask]).float().log_softmax(-1)
+            token_kl = (log_p.exp() * (log_p - log_p0)).sum(-1)
+            kl_sums = torch.zeros(n, device=hidden.device, dtype=token_kl.dtype).index_add_(0, rows, token_kl)
         return (
             sums,
             counts,
             torch.zeros(n, device=hidden.device, dtype=mean_logit.dtype).index_add_(0, rows, mean_logit),
+            kl_sums,
         )
     return sums, counts
 
@@ -154,12 +165,13 @@ class PreferenceModel(nn.Module):
         z: torch.Tensor | None,
         pre_norm: torch.Tensor | None = None,
         with_logits: bool = False,
+        z_kl: bool = False,
     ):
         """Response log-probs given one z per pair (``(B, d)``, shared by y_w and y_l) or none."""
         if z is not None:
             z = torch.cat([z, z])
         positions = getattr(self.latent, "z_positions", "response")
-        return response_logps(self.lm, hidden, batch, z, positions, pre_norm, with_logits)
+        return response_logps(self.lm, hidden, batch, z, positions, pre_norm, with_logits, z_kl)
 
     def forward(self, batch: dict, progress: float = 0.0, latent_mode: str = "train") -> PolicyOutput:
         hidden, pre_norm = self.encode(batch)
@@ -167,8 +179,9 @@ class PreferenceModel(nn.Module):
         if self.latent is not None:
             latent_out = self.latent(*self.latent_inputs(hidden, batch), progress=progress, mode=latent_mode)
         z = latent_out.z if latent_out is not None else None
-        logps, counts, logit_sums = self.score(hidden, batch, z, pre_norm, with_logits=True)
-        return PolicyOutput(logps, counts, latent_out, logit_sums)
+        penalised = z is not None and self.latent.lm_kl_weight > 0
+        logps, counts, logit_sums, z_kl = self.score(hidden, batch, z, pre_norm, with_logits=True, z_kl=penalised)
+        return PolicyOutput(logps, counts, latent_out, logit_sums, z_kl)
 
 
 @contextlib.contextmanager

@@ -408,26 +408,38 @@ def curve_figure(sweep: dict, cells: dict, paper: dict, x_key: str):
 
 def latent_section(sweep: dict) -> str:
     """LPC runs whose latent did nothing: z = 0 flips under 1% of the decisions (inert), or shuffling
-    z across prompts costs under 1 point (z does not depend on the prompt)."""
+    z across prompts costs under 1 point (z does not depend on the prompt); and runs whose LM the training
+    damaged (``eval/lm/damaged``, lpc.evaluation.integrity: plain text's NLL or greedy answers)."""
     flagged = []
     for r in sweep["runs"]:
         m = r.get("metrics") or {}
-        if r["status"] != "completed" or "eval/latent/inert" not in m:
+        if r["status"] != "completed":
             continue
         why = []
-        if m["eval/latent/inert"]:
+        if m.get("eval/latent/inert"):
             why.append(f"inert: z = 0 flips {100 * m['eval/latent/decisions_changed']:.1f}% of decisions")
         if m.get("eval/latent/prompt_independent"):
             why.append(f"prompt-independent: shuffling z costs {100 * m['eval/latent/shuffle_gap']:.1f} points")
+        if m.get("eval/lm/damaged"):
+            parts = []
+            if "eval/lm/nll_ratio" in m:
+                parts.append(f"the prior's z changes plain text's NLL by {100 * (m['eval/lm/nll_ratio'] - 1):+.1f}%")
+            if "eval/lm/repeat_rate/reference" in m:
+                parts.append(
+                    f"greedy answers repeat {100 * m['eval/lm/repeat_rate']:.0f}% of their 3-grams "
+                    f"(the reference: {100 * m['eval/lm/repeat_rate/reference']:.0f}%)"
+                )
+            why.append("LM damaged: " + ", ".join(parts))
         if why:
             flagged.append(f"- `{r['dir'].name}`: " + "; ".join(why))
     lpc_runs = sum(1 for r in sweep["runs"] if "eval/latent/inert" in (r.get("metrics") or {}))
-    if not lpc_runs:
+    if not lpc_runs and not flagged:
         return ""
     head = [
-        "## Did the latent act?",
+        "## Did the latent act, and is the LM still an LM?",
         "",
-        f"{len(flagged)} of {lpc_runs} LPC runs flagged (docs/synthetic-benchmark.md: reading the z ablations).",
+        f"{len(flagged)} runs flagged ({lpc_runs} LPC runs; docs/synthetic-benchmark.md: reading the z ablations; "
+        "docs/method.md: LM integrity).",
         "",
     ]
     return "\n".join(head + flagged + ([""] if flagged else []))

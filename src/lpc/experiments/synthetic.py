@@ -36,6 +36,9 @@ METRICS = (
     "eval/codes_used",
     "eval/nmi",
     "eval/nmi_chance",
+    "eval/lm/nll_ratio",
+    "eval/lm/nll_ratio_reference",
+    "eval/lm/damaged",
 )
 
 
@@ -51,6 +54,8 @@ def data_setting(cfg) -> dict:
         "flip": flip,
         "flip_marker": (cfg.data.get("flip_marker") or "none") if flip > 0 else None,
         "steps": int(cfg.trainer.max_steps),
+        "model": str(cfg.model.name),
+        "lr": float(cfg.trainer.lr),
     }
 
 
@@ -118,6 +123,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def setting_title(d: dict) -> str:
     parts = [f"{d['n_types']} types, conflict {d['conflict']:g}, tag {d['visibility']}"]
+    if d.get("model", "tiny") != "tiny":  # the pretrained tier: the backbone and its (paper-recipe) LM rate
+        parts.insert(0, f"{d['model']}, LM lr {d['lr']:g}")
     if d["tag_accuracy"] < 1:
         parts.append(f"tag accuracy {d['tag_accuracy']:g}")
     if d["label_noise"] > 0:
@@ -149,7 +156,8 @@ def _paired(row: dict) -> str:
 def markdown_tables(rows: list[dict]) -> str:
     head = (
         "| method | seeds | accuracy % | best achievable % | vs. no latent (paired, points) | z shuffled % "
-        "| z = 0 flips % | z posterior % | prior entropy / log K | codes used | NMI (chance) |"
+        "| z = 0 flips % | z posterior % | prior entropy / log K | codes used | NMI (chance) "
+        "| text NLL, prior's z / z = 0 | LM damaged |"
     )
     out, current = [], None
     for r in rows:
@@ -165,7 +173,7 @@ def markdown_tables(rows: list[dict]) -> str:
             f"| {_cell(r, 'eval/ceiling')} | {_paired(r)} | {_cell(r, 'eval/pref_accuracy/z_shuffled')} "
             f"| {_cell(r, 'eval/latent/decisions_changed')} | {_cell(r, 'eval/pref_accuracy/z_posterior')} "
             f"| {_cell(r, 'eval/latent/prior_entropy_normalized', 1, 2)} | {_cell(r, 'eval/codes_used', 1, 1)} "
-            f"| {nmi} |"
+            f"| {nmi} | {_cell(r, 'eval/lm/nll_ratio', 1, 3)} | {_cell(r, 'eval/lm/damaged', 1, 1)} |"
         )
     return "\n".join(out).lstrip() + "\n"
 

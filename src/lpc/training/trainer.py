@@ -128,14 +128,16 @@ class PreferenceTrainer:
 
     @staticmethod
     def param_groups(model: PreferenceModel, lr: float) -> list[dict]:
-        """The LM's parameters at ``lr``; the latent module's at ``lr x latent.lr_multiplier`` (its
-        codes and heads start from scratch while the LM is pretrained, see docs/method.md)."""
+        """The LM's parameters at ``lr``; the latent module's at its own ``latent.lr`` when set, else at
+        ``lr x latent.lr_multiplier`` (its codes, gate and heads start from scratch while the LM is pretrained:
+        at a paper LM rate of 5e-7 they would not move, docs/method.md)."""
         latent_ids = {id(p) for p in model.latent.parameters()} if model.latent is not None else set()
         lm = [p for p in model.parameters() if p.requires_grad and id(p) not in latent_ids]
         groups = [{"params": lm}]
         if model.latent is not None:
             lat = [p for p in model.latent.parameters() if p.requires_grad]
-            groups.append({"params": lat, "lr": lr * model.latent.lr_multiplier})
+            own = model.latent.lr
+            groups.append({"params": lat, "lr": own if own is not None else lr * model.latent.lr_multiplier})
         return groups
 
     # ------------------------------------------------------------------ data
@@ -186,6 +188,11 @@ class PreferenceTrainer:
             losses = lpc_objective(losses, out.latent.kl, weight, latent.kl_free_bits)
             metrics.update({k: v.detach() for k, v in out.latent.metrics.items()})
             metrics["latent/kl_weight"] = torch.tensor(weight)
+            if out.z_kl is not None:  # latent.lm_kl_weight: z may shift the LM's next-token distribution little
+                per_token = out.z_kl / out.n_tokens.clamp_min(1)
+                lm_kl = (per_token[:half] + per_token[half:]) / 2
+                losses = losses + latent.lm_kl_weight * lm_kl
+                metrics["latent/lm_kl"] = lm_kl.detach().mean()
         cr, rr = res.chosen_rewards.detach(), res.rejected_rewards.detach()
         metrics.update(
             {
@@ -254,8 +261,9 @@ class PreferenceTrainer:
 
     def _latent_ablations(self, loader, z_prior: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-pair margins (chosen - rejected reward) of the same policy with z replaced: ``z_zero``,
-        ``z_shuffled`` (row i gets the prior's z of row perm[i]) and ``z_posterior``; plus the norms
-        of z and of the hidden states it is added to. One more backbone pass over the eval set."""
+        ``z_shuffled`` (row i gets the prior's z of row perm[i]) and ``z_posterior``; the chosen response's
+        log-prob under each (and the prior's z, and the reference's when there is one) with its token count;
+        the norms of z and of the hidden states it is added to. One more backbone pass over the eval set."""
         model = self.accelerator.unwrap_model(self.model)
         g = torch.Generator().manual_seed(self.cfg.seed)
         perm = torch.randperm(len(z_prior), generator=g)
@@ -275,8 +283,16 @@ class PreferenceTrainer:
                 "z_shuffled": z_prior[idx].to(device=lat.z.device, dtype=lat.z.dtype),
                 "z_posterior": lat.z_posterior,
             }
-            for name, z in zs.items():
-                res = self._algo_output(*model.score(hidden, batch, z, pre_norm), ref)
+            for name, z in {"z_prior": lat.z, **zs}.items():
+                logps, counts = model.score(hidden, batch, z, pre_norm)
+                # the chosen responses' log-probs: the eval text's NLL under each z (lpc.evaluation.integrity)
+                out.setdefault(f"chosen_logps/{name}", []).append(logps[:b].float().cpu())
+                if name == "z_prior":
+                    out.setdefault("chosen_tokens", []).append(counts[:b].float().cpu())
+                    if ref is not None:
+                        out.setdefault("chosen_logps/reference", []).append(ref[0][:b].float().cpu())
+                    continue
+                res = self._algo_output(logps, counts, ref)
                 out.setdefault(f"margin/{name}", []).append((res.chosen_rewards - res.rejected_rewards).float().cpu())
             out.setdefault("z_norm", []).append(lat.z.float().norm(dim=-1).cpu())
             out.setdefault("hidden_norm", []).append(

@@ -1,0 +1,218 @@
+"""Does the LPC policy stay a language model? NLL of plain text and greedy answers, with and without z.
+
+z is added to the LM head's input, a logit offset ``W z`` over the whole vocabulary: a z of the hidden
+state's size makes a pretrained LM write gibberish (SmolLM2: 3.4 -> 9.7 nats/token) while the preference
+loss, which reads only differences between two responses, can still go down. So every run measures, on
+text the project ships (:data:`PLAIN_QA`, plain questions with one-sentence answers) and on the eval
+pairs' chosen responses:
+
+* per-token NLL of the answers under the prior's z, under each code (up to ``max_codes``), with z = 0,
+  and under the reference model (the initial LM, measured before the first step);
+* a degeneration measure of greedy answers to the questions: the rate of repeated 3-grams, against the
+  reference's answers to the same questions;
+* ``lm/damaged``: 1.0 when the prior's z raises the plain-text NLL by more than :data:`NLL_TOLERANCE`
+  (5%) over the same LM with z = 0, or the greedy answers repeat 3-grams :data:`REPEAT_TOLERANCE` (0.2)
+  more often than the reference's. ``lpc-report`` lists flagged runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lpc.data import PairCollator, encode_prompt
+from lpc.evaluation.inference import left_pad, prompt_prior_z
+from lpc.policy import conditioned_on, hidden_states, response_logps
+
+NLL_TOLERANCE = 0.05  # the prior's z may raise plain text's NLL by at most 5% over z = 0
+REPEAT_TOLERANCE = 0.2  # ... and the repeated-3-gram rate of greedy answers by at most 0.2 over the reference's
+
+# Plain questions and one-sentence answers (written for this project). The answers are what the NLL scores;
+# the first GENERATE questions are also answered greedily.
+PLAIN_QA = (
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are there in a week?", "There are seven days in a week."),
+    ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
+    ("What do bees make?", "Bees make honey from the nectar of flowers."),
+    ("Why do we need sleep?", "Sleep lets the body rest and helps the brain store what it has learned."),
+    ("What is water made of?", "Water is made of hydrogen and oxygen."),
+    ("How do plants get energy?", "Plants use sunlight to turn water and carbon dioxide into sugar."),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth."),
+    ("Who wrote Romeo and Juliet?", "Romeo and Juliet was written by William Shakespeare."),
+    ("What does a thermometer measure?", "A thermometer measures temperature."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the boiling point of water at sea level?", "At sea level, water boils at 100 degrees Celsius."),
+    ("Why is exercise good for you?", "Regular exercise strengthens the heart, muscles and bones."),
+    ("What is a noun?", "A noun is a word that names a person, place or thing."),
+    ("How does a bicycle move?", "The rider pushes the pedals, which turn the chain and the back wheel."),
+    ("What is the moon?", "The moon is a natural satellite that orbits the Earth."),
+    ("Give me a tip for studying.", "Study in short sessions and take a break between them."),
+    ("What should I pack for a day at the beach?", "Bring sunscreen, water, a towel and a hat."),
+    ("How do you make a cup of tea?", "Boil water, pour it over a tea bag and let it steep for a few minutes."),
+    ("What is the main job of the heart?", "The heart pumps blood through the body."),
+    ("Describe a rainy afternoon.", "Grey clouds hang low and the rain taps softly on the windows."),
+    ("What is a good way to save money?", "Set aside a small part of every paycheck before spending the rest."),
+    ("Why do leaves change color in autumn?", "As days get shorter, trees stop making the green pigment in leaves."),
+    ("What is the tallest animal?", "The giraffe is the tallest animal in the world."),
+)
+GENERATE = 8  # questions answered greedily
+MAX_NEW_TOKENS = 32
+
+
+def repeat_rate(tokens: list[int], n: int = 3) -> float:
+    """Fraction of a sequence's n-grams that repeat an earlier one (0 = none; "Che Che Che ..." -> ~1)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+class LMProbe:
+    """The plain-text probe of one run: its token ids, in the run's chat template if it trains in one."""
+
+    def __init__(self, tokenizer, chat_template: bool = False, max_codes: int = 16):
+        self.tokenizer, self.max_codes = tokenizer, max_codes
+        eos = tokenizer.eos_token_id
+        self.rows = []
+        for question, answer in PLAIN_QA:
+            ids = tokenizer(" " + answer if not chat_template else answer, add_special_tokens=False)["input_ids"]
+            ids = ids + ([eos] if eos is not None else [])
+            prompt = encode_prompt(tokenizer, question, chat_template)
+            self.rows.append({"prompt_input_ids": prompt, "chosen_input_ids": ids, "rejected_input_ids": ids})
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        self.pad_id = pad
+        full = PairCollator(pad)(self.rows)
+        self.batch = {k: v[: len(self.rows)] for k, v in full.items()}  # the chosen half: (question, answer)
+
+    def _to(self, device):
+        return {k: v.to(device) for k, v in self.batch.items()}
+
+    @torch.no_grad()
+    def nll(self, lm, zs: dict[str, torch.Tensor | None], latent=None) -> dict[str, float]:
+        """Per-token NLL of the answers for each named z (rows (N, d) or one (d,) vector; None = no z), and
+        ``prior`` under the latent's prior (from each question) when a latent is given. One backbone pass."""
+        device = next(lm.parameters()).device
+        batch = self._to(device)
+        hidden = hidden_states(lm, batch)
+        if latent is not None:
+            h_prompt = hidden[torch.arange(hidden.shape[0], device=device), batch["prompt_last"]]
+            zs = {**zs, "prior": latent(h_prompt, mode="prior").z}
+        out = {}
+        for name, z in zs.items():
+            if z is not None and z.dim() == 1:
+                z = z.expand(hidden.shape[0], -1)
+            positions = getattr(latent, "z_positions", "response")
+            sums, counts = response_logps(lm, hidden, batch, z, positions)
+            out[name] = float(-sums.sum() / counts.sum())
+        return out
+
+    @torch.no_grad()
+    def greedy(self, lm, latent=None) -> list[list[int]]:
+        """Greedy answers (new tokens) to the first :data:`GENERATE` questions, z from the prior."""
+        device = next(lm.parameters()).device
+        ids, mask = left_pad([r["prompt_input_ids"] for r in self.rows[:GENERATE]], self.pad_id, device)
+        z = prompt_prior_z(lm, latent, ids, mask)
+        with conditioned_on(lm, z, getattr(latent, "z_injection", "head")):
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+        eos = self.tokenizer.eos_token_id
+        answers = []
+        for row in out[:, ids.shape[1] :].tolist():
+            answers.append(row[: row.index(eos)] if eos in row else row)
+        return answers
+
+    def measure_reference(self, lm, generate: bool = True) -> dict:
+        """The initial LM's figures (call before the first step)."""
+        was_training = lm.training
+        lm.eval()
+        try:
+            ref = {"nll": self.nll(lm, {"ref": None})["ref"]}
+            if generate:
+                ref["answers"] = self.greedy(lm)
+        finally:
+            lm.train(was_training)
+        return ref
+
+    def measure(self, lm, latent, reference: dict | None, codes: list[int] = (), generate: bool = True) -> dict:
+        """``lm/*`` metrics of a trained policy (see the module docstring) and its greedy answers."""
+        was_training = lm.training
+        lm.eval()
+        try:
+            zs: dict = {"zero": None}
+            for k in codes[: self.max_codes]:
+                zs[f"code_{k}"] = latent.code_vector(k).detach()
+            nll = self.nll(lm, zs, latent)
+            answers = self.greedy(lm, latent) if generate else None
+        finally:
+            lm.train(was_training)
+        m = {"lm/text_nll/zero": nll["zero"]}
+        if latent is not None:
+            m["lm/text_nll/prior"] = nll["prior"]
+            m["lm/nll_ratio"] = nll["prior"] / nll["zero"]
+            code_nll = [v for k, v in nll.items() if k.startswith("code_")]
+            if code_nll:
+                m["lm/text_nll/code_max"] = max(code_nll)
+                m["lm/text_nll/code_mean"] = sum(code_nll) / len(code_nll)
+        used = nll.get("prior", nll["zero"])
+        if reference is not None:
+            m["lm/text_nll/reference"] = reference["nll"]
+            m["lm/nll_ratio_reference"] = used / reference["nll"]
+        damaged = m.get("lm/nll_ratio", 1.0) > 1.0 + NLL_TOLERANCE
+        if answers is not None:
+            m["lm/repeat_rate"] = sum(map(repeat_rate, answers)) / len(answers)
+            if reference is not None and reference.get("answers") is not None:
+                ref_rate = sum(map(repeat_rate, reference["answers"])) / len(reference["answers"])
+                m["lm/repeat_rate/reference"] = ref_rate
+                damaged = damaged or m["lm/repeat_rate"] > ref_rate + REPEAT_TOLERANCE
+        m["lm/damaged"] = float(damaged)
+        decode = self.tokenizer.decode
+        texts = {}
+        if answers is not None:
+            texts["answers"] = [decode(a) for a in answers]
+        if reference is not None and reference.get("answers") is not None:
+            texts["reference_answers"] = [decode(a) for a in reference["answers"]]
+        return {"metrics": m, "per_z_nll": nll, "texts": texts, "questions": [q for q, _ in PLAIN_QA[:GENERATE]]}
+
+
+def eval_text_nll(pairs: dict) -> dict:
+    """Per-token NLL of the eval pairs' chosen responses under each z the final evaluation scored (the
+    prior's, z = 0, shuffled, posterior) and under the reference, from ``evaluate(diagnostics=True)``."""
+    if "chosen_tokens" not in pairs:
+        return {}
+    n = float(pairs["chosen_tokens"].sum())
+    out = {}
+    for key, logps in pairs.items():
+        if key.startswith("chosen_logps/"):
+            name = key.split("/", 1)[1].removeprefix("z_")
+            out[f"lm/chosen_nll/{name}"] = float(-logps.sum() / n)
+    return out
+
+
+def codes_to_probe(pairs: dict, latent, most: int) -> list[int]:
+    """The codes the prior picks on the eval set, most used first, then the rest by index, ``most`` at most."""
+    if not hasattr(latent, "codebook_size"):
+        return []
+    picked = pairs.get("prior_code")
+    order = []
+    if picked is not None:
+        counts = torch.bincount(picked.long().reshape(-1), minlength=latent.codebook_size)
+        order = [int(k) for k in counts.argsort(descending=True, stable=True) if counts[k] > 0]
+    order += [k for k in range(latent.codebook_size) if k not in order]
+    return order[:most]
+
+
+def lm_integrity(trainer, out_dir, probe: LMProbe, reference: dict | None, pairs: dict, generate: bool = True) -> dict:
+    """The trainer's end-of-training hook: ``eval/lm/*`` metrics; the answers into ``out_dir/integrity.json``."""
+    from pathlib import Path
+
+    from lpc.files import atomic_write_json
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    latent = model.latent
+    report = probe.measure(model.lm, latent, reference, codes_to_probe(pairs, latent, probe.max_codes), generate)
+    metrics = {f"eval/{k}": v for k, v in {**report["metrics"], **eval_text_nll(pairs)}.items()}
+    if trainer.accelerator.is_main_process and out_dir is not None:
+        atomic_write_json(Path(out_dir) / "integrity.json", {**report, "metrics": metrics})
+    return metrics

@@ -1,0 +1,117 @@
+"""LM integrity (lpc.evaluation.integrity): the plain-text NLL with and without z, greedy answers' repetition and
+the ``lm/damaged`` flag, each computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lpc.evaluation import integrity
+from lpc.evaluation.integrity import LMProbe, codes_to_probe, eval_text_nll, repeat_rate
+from lpc.experiments.report import latent_section
+
+
+def test_repeat_rate_counts_repeated_trigrams():
+    assert repeat_rate([1, 2, 3, 4, 5]) == 0.0
+    assert repeat_rate([7, 7, 7, 7, 7, 7]) == pytest.approx(1 - 1 / 4)  # 4 trigrams, 1 distinct
+    assert repeat_rate([1, 2, 3, 1, 2, 3]) == pytest.approx(1 - 3 / 4)  # (1,2,3) twice
+    assert repeat_rate([1, 2]) == 0.0
+
+
+def test_codes_to_probe_orders_by_the_priors_use_then_index():
+    class Discrete:
+        codebook_size = 5
+
+    pairs = {"prior_code": torch.tensor([3.0, 3.0, 1.0, 3.0, 1.0, 4.0])}
+    assert codes_to_probe(pairs, Discrete(), 4) == [3, 1, 4, 0]
+    assert codes_to_probe({}, Discrete(), 2) == [0, 1]
+    assert codes_to_probe(pairs, object(), 4) == []  # a continuous latent has no codes
+
+
+def test_eval_text_nll_is_minus_the_chosen_logps_per_token():
+    pairs = {
+        "chosen_tokens": torch.tensor([2.0, 3.0]),
+        "chosen_logps/z_prior": torch.tensor([-4.0, -6.0]),
+        "chosen_logps/z_zero": torch.tensor([-5.0, -5.0]),
+        "chosen_logps/reference": torch.tensor([-1.0, -4.0]),
+    }
+    assert eval_text_nll(pairs) == pytest.approx(
+        {"lm/chosen_nll/prior": 2.0, "lm/chosen_nll/zero": 2.0, "lm/chosen_nll/reference": 1.0}
+    )
+    assert eval_text_nll({}) == {}
+
+
+class Bias(torch.nn.Module):
+    """A latent stand-in whose prior's z is a fixed vector (the probe only calls it in prior mode)."""
+
+    z_positions = "response"
+
+    def __init__(self, z):
+        super().__init__()
+        self.z = z
+
+    def forward(self, h_prompt, mode="prior"):
+        return type("Out", (), {"z": self.z.expand(h_prompt.shape[0], -1)})()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from lpc.backbones import tiny_llama
+
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+def test_probe_nll_matches_the_lm_forward_by_hand(tiny_lm):
+    lm, tok = tiny_lm
+    probe = LMProbe(tok)
+    lm.eval()
+    got = probe.nll(lm, {"zero": None})["zero"]
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for row in probe.rows:
+            ids = torch.tensor([row["prompt_input_ids"] + row["chosen_input_ids"]])
+            logp = lm(ids).logits[0, :-1].log_softmax(-1)
+            p = len(row["prompt_input_ids"])
+            targets = ids[0, p:]
+            total -= logp[p - 1 :].gather(-1, targets[:, None]).sum().item()
+            n += len(targets)
+    assert got == pytest.approx(total / n, rel=1e-5)
+
+
+def test_a_large_z_is_flagged_and_a_zero_z_is_not(tiny_lm):
+    lm, tok = tiny_lm
+    probe = LMProbe(tok)
+    reference = probe.measure_reference(lm)
+    d = lm.config.hidden_size
+    calm = probe.measure(lm, Bias(torch.zeros(d)), reference, generate=True)["metrics"]
+    assert calm["lm/nll_ratio"] == pytest.approx(1.0) and calm["lm/damaged"] == 0.0
+    assert calm["lm/repeat_rate"] == pytest.approx(calm["lm/repeat_rate/reference"])  # same greedy answers
+    # a z along one token's output embedding, 30 x the hidden state's norm: every answer token loses mass
+    w = lm.get_output_embeddings().weight[5].detach()
+    loud = probe.measure(lm, Bias(30 * math.sqrt(d) * w / w.norm()), reference, generate=False)["metrics"]
+    assert loud["lm/nll_ratio"] > 1 + integrity.NLL_TOLERANCE and loud["lm/damaged"] == 1.0
+    assert loud["lm/text_nll/reference"] == pytest.approx(reference["nll"])
+
+
+def test_the_report_lists_damaged_runs(tmp_path):
+    runs = [
+        {"status": "completed", "dir": tmp_path / "ok", "metrics": {"eval/lm/damaged": 0.0}},
+        {
+            "status": "completed",
+            "dir": tmp_path / "broken",
+            "metrics": {
+                "eval/latent/inert": 0.0,
+                "eval/lm/damaged": 1.0,
+                "eval/lm/nll_ratio": 2.8,
+                "eval/lm/repeat_rate": 0.75,
+                "eval/lm/repeat_rate/reference": 0.05,
+            },
+        },
+    ]
+    text = latent_section({"runs": runs})
+    assert "1 runs flagged (1 LPC runs" in text
+    assert "`broken`: LM damaged: the prior's z changes plain text's NLL by +180.0%, greedy answers repeat 75%" in text
+    assert "`ok`" not in text
