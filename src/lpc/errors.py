@@ -22,6 +22,17 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
+class WontFit(ConfigError):
+    """The run would not fit: lpc-plan's memory estimate exceeds the hardware's (a GPU run), or its checkpoints
+    and final/ exceed the run directory's free disk. Refused before any model loads (exit 2); the message holds
+    the numbers and what would fit; ``trainer.allow_misfit=true`` runs it anyway."""
+
+
+class DiskFull(RuntimeError):
+    """A write of the run (a checkpoint, final/, a log) failed for lack of space; the partial write is removed
+    and the earlier checkpoints are kept. The message names the directory and the space the run needs."""
+
+
 class RunDirInUse(RuntimeError):
     """Another process is training in the same run directory."""
 
@@ -40,6 +51,11 @@ class UsageError(ValueError):
 
 class PlanError(UsageError):
     """``lpc-plan``: the config cannot be planned (a missing or inconsistent value)."""
+
+
+class Unplannable(PlanError):
+    """The config lacks what a plan needs (a model without ``model.arch``): lpc-train skips its memory and disk
+    checks with a warning instead of refusing the run."""
 
 
 class GenerateError(UsageError):

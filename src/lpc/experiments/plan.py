@@ -51,7 +51,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lpc.conf import codebook_implies_latent
-from lpc.errors import ConfigError, PlanError
+from lpc.errors import ConfigError, PlanError, Unplannable
 from lpc.training.distributed import gradient_accumulation
 
 GiB = 2**30
@@ -60,8 +60,10 @@ DEFAULT_MFU = 0.4
 DEFAULT_HEADROOM = 0.10  # of the GPU's memory, for the CUDA context, fragmentation and temporaries
 DEFAULT_HARDWARE = "a100_80g_x8"
 MAX_NODES = 64  # the largest job the suggestion search considers (hardware.nodes)
+MAX_GPUS_PER_NODE = 8  # the most GPUs per node the suggestion search considers (hardware.gpus_per_node)
 SHARDED = ("fsdp", "zero3")
-DISTRIBUTED = ("none", "ddp", "fsdp", "zero3")
+DISTRIBUTED = ("none", "ddp", "fsdp", "zero3", "auto")  # auto: the planner picks (choose_distributed)
+GB = 10**9  # disk sizes are in GB, as df and vendors count them (memory is in GiB)
 PRECISIONS = ("no", "bf16", "fp16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: hub checkpoints are 16-bit
 OFFLOAD_OVERRIDE = "distributed.accelerate_config=<a copy of zero3.yaml with offload_optimizer_device: cpu>"
@@ -143,7 +145,7 @@ def arch_of(model_cfg: Mapping) -> tuple[Arch, int | None]:
     node = model_cfg.get("arch")
     if node is None:
         if not all(k in model_cfg for k in ARCH_KEYS):
-            raise PlanError(
+            raise Unplannable(
                 f"model={name} has no `model.arch` node (hidden_size, num_hidden_layers, ...; "
                 f"see conf/model/llama3_8b.yaml), so it cannot be planned without loading it"
             )
@@ -182,11 +184,12 @@ def latent_parameters(latent_cfg: Mapping, hidden_size: int) -> int:
     def mlp(d_in: int, d_out: int) -> int:  # Linear(d_in, hh) + GELU + Linear(hh, d_out), with biases
         return d_in * hh + hh + hh * d_out + d_out
 
+    gate = 0 if latent_cfg.get("gate_init", 0.0) is None else 1  # the learned scalar gain on z (latent.gate_init)
     if target.endswith("DiscreteLatent"):
         k = _int(latent_cfg.get("codebook_size"), "latent.codebook_size")
-        return k * hidden_size + mlp(hidden_size, k) + mlp(inputs * hidden_size, k)
+        return k * hidden_size + mlp(hidden_size, k) + mlp(inputs * hidden_size, k) + gate
     if target.endswith("ContinuousLatent"):
-        return mlp(hidden_size, 2 * hidden_size) + mlp(inputs * hidden_size, 2 * hidden_size)
+        return mlp(hidden_size, 2 * hidden_size) + mlp(inputs * hidden_size, 2 * hidden_size) + gate
     raise PlanError(f"latent._target_={target!r}: unknown latent module (DiscreteLatent or ContinuousLatent)")
 
 
@@ -247,6 +250,15 @@ class Plan:
     peak_tflops: float
     gpu_hours: float
     wall_hours: float
+    # disk in the run directory (bytes; lpc.preflight checks them against the free space at start)
+    checkpoint_bytes: float  # one checkpoints/step-N/ (accelerate state: weights + AdamW's moments)
+    final_bytes: float  # final/ (the exported weights)
+    checkpoint_bytes_per_param: int
+    final_bytes_per_param: int
+    keep_checkpoints: int
+    checkpoints_written: int  # over the run: every trainer.save_every steps and the last step
+    checkpoints_on_disk: int  # at most at once: keep_checkpoints + the one being written
+    disk_peak: float  # the most the run directory holds at once: checkpoints + final/
     bytes_per_param: list[int] = field(default_factory=list)  # weights, gradients, optimizer states
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -322,6 +334,9 @@ class _Setup:
     mfu: float
     headroom: float
     overrides: list[str]
+    keep_checkpoints: int = 2
+    save_every: int = 0
+    auto_note: str | None = None  # distributed=auto: what the planner chose, and why
 
     @property
     def world(self) -> int:
@@ -425,6 +440,8 @@ def _setup(
         mfu=_number(mfu, "--mfu"),
         headroom=float(headroom),
         overrides=list(overrides),
+        keep_checkpoints=max(int(trainer.get("keep_checkpoints", 2)), 1),
+        save_every=max(int(trainer.get("save_every", 0)), 0),
     )
 
 
@@ -502,8 +519,36 @@ def _compute(s: _Setup) -> dict:
     return c
 
 
+def _disk(s: _Setup, steps: int) -> dict:
+    """Bytes the run directory holds: a checkpoint (accelerate's state: the weights and AdamW's two moments in the
+    dtype the weights train in; under ZeRO-3 DeepSpeed's fp32 master weights and moments, its partitioned 16-bit
+    weights are not saved), final/ (the exported weights: 16-bit under ZeRO-3 with mixed precision), and the most
+    at once. The trainer writes a new checkpoint before it deletes the oldest of the ``keep_checkpoints`` it keeps,
+    then writes final/ after the last one. Tokenizer, RNG and config files (KB to MB) are not counted."""
+    n = s.arch.num_parameters + s.n_latent
+    mixed = s.precision in ("bf16", "fp16")
+    weight = 4 if mixed else DTYPE_BYTES[s.dtype]  # fp32 masters under mixed precision (master_weights, FSDP, ZeRO)
+    per_checkpoint = 3 * weight  # weights + AdamW's two moments
+    per_final = 2 if mixed and s.distributed == "zero3" else weight  # DeepSpeed's consolidated 16-bit weights
+    written = (steps - 1) // s.save_every + 1 if s.save_every > 0 else 1  # the last step always saves
+    on_disk = min(written, s.keep_checkpoints + 1)
+    checkpoint, final = per_checkpoint * n, per_final * n
+    return {
+        "checkpoint_bytes": checkpoint,
+        "final_bytes": final,
+        "checkpoint_bytes_per_param": per_checkpoint,
+        "final_bytes_per_param": per_final,
+        "keep_checkpoints": s.keep_checkpoints,
+        "checkpoints_written": written,
+        "checkpoints_on_disk": on_disk,
+        "disk_peak": max(on_disk * checkpoint, min(written, s.keep_checkpoints) * checkpoint + final),
+    }
+
+
 def _notes(s: _Setup, memory: dict) -> list[str]:
     notes = []
+    if s.auto_note:
+        notes.append(s.auto_note)
     if s.distributed == "none" and s.gpus_per_node * s.nodes > 1:
         notes.append(
             f"distributed=none runs one process on one GPU; the other {s.gpus_per_node * s.nodes - 1} "
@@ -539,6 +584,7 @@ def _estimate(s: _Setup) -> Plan:
     if not 0 <= s.headroom < 1:
         raise PlanError(f"--headroom {s.headroom} is not allowed: a fraction in [0, 1)")
     memory, compute = _memory(s), _compute(s)
+    disk = _disk(s, compute["steps"])
     notes = _notes(s, memory)
     bytes_per_param = memory.pop("_bytes_per_param")
     reference = "on_the_fly" if s.reference_on_the_fly else ("precompute" if s.needs_reference else "none")
@@ -550,6 +596,7 @@ def _estimate(s: _Setup) -> Plan:
         reference=reference,
         **memory,
         **compute,
+        **disk,
         bytes_per_param=list(bytes_per_param),
         overrides=list(s.overrides),
         notes=notes,
@@ -557,29 +604,82 @@ def _estimate(s: _Setup) -> Plan:
 
 
 # --------------------------------------------------------------------------- what would fit
-# Tried in this order; a combination of fewer changes always wins over one of more.
-STEPS = ("precompute", "checkpointing", "zero3", "nodes", "offload")
+# Tried in this order; a combination of fewer changes always wins over one of more. Within a change that has
+# a size (GPUs, nodes, micro-batch) the smallest one that fits wins. "adapter" is the hook for adapter=lora
+# (issue 24's LoRA items): it fits fewer trainable parameters; until the adapter group exists it never applies.
+STEPS = ("precompute", "checkpointing", "zero3", "gpus", "nodes", "micro_batch", "offload", "adapter")
+# The order in which a combination's changes are applied: a change of size is searched on top of the others
+# (more GPUs or nodes shrink only sharded states, so ZeRO-3 and the offload come first).
+APPLY_ORDER = ("precompute", "checkpointing", "zero3", "offload", "adapter", "micro_batch", "gpus", "nodes")
 
 
-def _apply(s: _Setup, step: str) -> tuple[_Setup, list[str]] | None:
-    """``s`` with one change applied and its overrides, or None where the change does not apply."""
+def _halvings(n: int) -> list[int]:
+    """n, n // 2, ..., 1."""
+    out = [n]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _micro_batches(s: _Setup) -> list[tuple[_Setup, list[str]]]:
+    """Smaller micro-batches, for training and for evaluation, fewest halvings first (the evaluation's first: it
+    changes no update). The global batch stays: derived from trainer.global_batch_size, or the accumulation
+    grows by the factor the micro-batch shrank."""
+    train, evaluation = _halvings(s.batch_pairs), _halvings(s.eval_batch_pairs)
+    pairs = [(i, j) for i in range(len(train)) for j in range(len(evaluation)) if i or j]
+    out = []
+    for i, j in sorted(pairs, key=lambda ij: (ij[0] + ij[1], ij[0])):
+        b, e = train[i], evaluation[j]
+        cur, added = dataclasses.replace(s, batch_pairs=b, eval_batch_pairs=e), []
+        if i:
+            added.append(f"trainer.batch_size={b}")
+            if s.global_batch_size is None:  # keep batch_size x accumulation
+                per_step = s.batch_pairs * (s.accumulation or 1)
+                if per_step % b:
+                    continue
+                cur = dataclasses.replace(cur, accumulation=per_step // b)
+                added.append(f"trainer.gradient_accumulation_steps={per_step // b}")
+        if j:
+            added.append(f"trainer.eval_batch_size={e}")
+        out.append((cur, added))
+    return out
+
+
+def _variants(s: _Setup, step: str) -> list[tuple[_Setup, list[str]]]:
+    """``s`` with one change applied, and the overrides that make it, smallest change first; empty where the
+    change does not apply."""
     if step == "precompute":
         if not s.reference_on_the_fly:
-            return None
-        return dataclasses.replace(s, reference_on_the_fly=False), ["trainer.reference_logps=precompute"]
+            return []
+        return [(dataclasses.replace(s, reference_on_the_fly=False), ["trainer.reference_logps=precompute"])]
     if step == "checkpointing":
         if s.gradient_checkpointing:
-            return None
-        return dataclasses.replace(s, gradient_checkpointing=True), ["trainer.gradient_checkpointing=true"]
+            return []
+        return [(dataclasses.replace(s, gradient_checkpointing=True), ["trainer.gradient_checkpointing=true"])]
     if step == "zero3":
         if s.distributed in SHARDED or s.gpus_per_node * s.nodes < 2:
-            return None
-        return dataclasses.replace(s, distributed="zero3"), ["distributed=zero3"]
+            return []
+        return [(dataclasses.replace(s, distributed="zero3"), ["distributed=zero3"])]
+    if step == "gpus":  # more GPUs on the node: they shrink sharded states only, so ZeRO-3 comes with them
+        shard = [] if s.distributed in SHARDED else ["distributed=zero3"]
+        dist = s.distributed if s.distributed in SHARDED else "zero3"
+        return [
+            (dataclasses.replace(s, distributed=dist, gpus_per_node=g), shard + [f"hardware.gpus_per_node={g}"])
+            for g in range(s.gpus_per_node + 1, MAX_GPUS_PER_NODE + 1)
+        ]
+    if step == "nodes":
+        if s.distributed not in SHARDED:
+            return []  # more GPUs only shrink sharded states
+        return [(dataclasses.replace(s, nodes=k), [f"hardware.nodes={k}"]) for k in range(s.nodes + 1, MAX_NODES + 1)]
+    if step == "micro_batch":
+        return _micro_batches(s)
     if step == "offload":
         if s.offload_optimizer:
-            return None
+            return []
         extra = [] if s.distributed == "zero3" else ["distributed=zero3"]
-        return dataclasses.replace(s, distributed="zero3", offload_optimizer=True), extra + [OFFLOAD_OVERRIDE]
+        return [(dataclasses.replace(s, distributed="zero3", offload_optimizer=True), extra + [OFFLOAD_OVERRIDE])]
+    if step == "adapter":
+        return []  # adapter=lora: [(s with the adapter's trainable parameters, ["adapter=lora"])] once it exists
     raise ValueError(step)
 
 
@@ -591,32 +691,47 @@ def _fits(s: _Setup) -> Plan | None:
     return p if p.fits else None
 
 
+def _search(s: _Setup, steps: list[str], added: list[str]) -> tuple[str, Plan] | None:
+    if not steps:
+        p = _fits(s)
+        return (" ".join(added), p) if p is not None else None
+    for cur, extra in _variants(s, steps[0]):
+        found = _search(cur, steps[1:], added + extra)
+        if found is not None:
+            return found
+    return None
+
+
 def suggest(s: _Setup) -> tuple[str, Plan] | None:
-    """The smallest change (fewest steps of STEPS, earlier steps first) after which the job fits."""
+    """The smallest change (fewest steps of STEPS, earlier steps first; within a step, its smallest size)
+    after which the job fits: ``(overrides to add, the plan with them)``, or None."""
     for size in range(1, len(STEPS) + 1):
         for combo in itertools.combinations(STEPS, size):
-            cur, added = s, []
-            for step in combo:
-                if step == "nodes":
-                    continue  # searched last, over the node count
-                applied = _apply(cur, step)
-                if applied is None:
-                    break
-                cur, extra = applied
-                added += extra
-            else:
-                if "nodes" not in combo:
-                    p = _fits(cur)
-                    if p is not None:
-                        return " ".join(added), p
-                    continue
-                if cur.distributed not in SHARDED:
-                    continue  # more GPUs only shrink sharded states
-                for nodes in range(cur.nodes + 1, MAX_NODES + 1):
-                    p = _fits(dataclasses.replace(cur, nodes=nodes))
-                    if p is not None:
-                        return " ".join(added + [f"hardware.nodes={nodes}"]), p
+            found = _search(s, sorted(combo, key=APPLY_ORDER.index), [])
+            if found is not None:
+                return found
     return None
+
+
+def choose_distributed(s: _Setup) -> _Setup:
+    """``distributed=auto``: one process -> ``none``; more -> ``ddp`` where it fits (every GPU holds the whole
+    model: no sharding traffic), else ``zero3`` (the verdict and the suggestion then speak of ZeRO-3)."""
+    if s.distributed != "auto":
+        return s
+    world = s.gpus_per_node * s.nodes
+    if world == 1:
+        return dataclasses.replace(s, distributed="none", auto_note="distributed=auto: one process -> none")
+    ddp = dataclasses.replace(s, distributed="ddp")
+    try:
+        p = _estimate(ddp)
+    except PlanError:
+        p = None
+    if p is not None and p.fits:
+        return dataclasses.replace(ddp, auto_note=f"distributed=auto: ddp fits on {world} processes -> ddp")
+    why = f"peak {p.peak / GiB:.1f} of {p.budget / GiB:.1f} GiB" if p is not None else "not plannable"
+    return dataclasses.replace(
+        s, distributed="zero3", auto_note=f"distributed=auto: ddp does not fit ({why}) -> zero3 over {world} processes"
+    )
 
 
 def plan(
@@ -637,7 +752,7 @@ def plan(
         hardware = cfg.hardware
     if isinstance(hardware, DictConfig):
         hardware = OmegaConf.to_container(hardware, resolve=True)
-    s = _setup(cfg, hardware, pairs, mfu, headroom, overrides or [])
+    s = choose_distributed(_setup(cfg, hardware, pairs, mfu, headroom, overrides or []))
     p = _estimate(s)
     if not p.fits:
         found = suggest(s)
@@ -649,6 +764,10 @@ def plan(
 # --------------------------------------------------------------------------- text
 def _g(x: float) -> str:
     return f"{x / GiB:8.2f} GiB"
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:9.2f} GB" if x >= 0.1 * GB else f"{x / GB:9.4f} GB"
 
 
 def _hours(x: float) -> str:
@@ -704,6 +823,21 @@ def format_plan(p: Plan) -> str:
         + f" = {p.flops:.3g}",
         f"  {_hours(p.gpu_hours)} GPU-hours at MFU {p.mfu:g} of {p.peak_tflops:g} TFLOPS "
         f"= {_hours(p.wall_hours)} h on {gpus}",
+    ]
+    what = "fp32 master weights + 2 moments (DeepSpeed)" if p.distributed == "zero3" else "weights + AdamW's 2 moments"
+    at_once = p.checkpoints_on_disk * p.checkpoint_bytes
+    kept = min(p.checkpoints_written, p.keep_checkpoints)
+    peak_what = (
+        f"{p.checkpoints_on_disk} checkpoint{'s' if p.checkpoints_on_disk > 1 else ''}, the newest being written"
+        if at_once >= p.disk_peak
+        else f"{kept} checkpoint{'s' if kept > 1 else ''} + final/"
+    )
+    lines += [
+        "Disk in the run directory (estimate; GB = 10^9 bytes):",
+        f"  checkpoint                   {_gb(p.checkpoint_bytes)}   {p.checkpoint_bytes_per_param} B/param: {what}",
+        f"  final/                       {_gb(p.final_bytes)}   {p.final_bytes_per_param} B/param",
+        f"  = peak                       {_gb(p.disk_peak)}   {peak_what} "
+        f"({p.checkpoints_written} written, trainer.keep_checkpoints={p.keep_checkpoints})",
     ]
     lines += [f"  note: {n}" for n in p.notes]
     peak = f"peak {p.peak / GiB:.1f} GiB of {p.budget / GiB:.1f} GiB usable per GPU"
