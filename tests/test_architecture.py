@@ -31,6 +31,7 @@ LAYERS = {
     "lpc.experiments": 5,
     "lpc.config": 6,
     "lpc.run": 6,
+    "lpc.preflight": 6,
     "lpc.train": 6,
 }
 

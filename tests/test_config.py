@@ -234,13 +234,18 @@ def test_pairs_identical_after_truncation_are_bad_rows(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+# A hub model in one CPU process on the synthetic data (it selects the paper's 8-GPU node, UltraFeedback and the
+# sharding that fits); its checkpoints would not fit this disk: allowed, the model is what these tests look for.
+ONE_CPU_PROCESS = ["trainer=cpu", "hardware=cpu", "data=synthetic", "trainer.allow_misfit=true"]
+
+
 def test_hub_unreachable_fails_at_once_without_the_offline_switches(tmp_path):
     # No HF_HUB_OFFLINE and a hub that cannot be reached (a closed local port stands in for no network):
     # one probe, then a clear error, instead of a minute of retries.
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "LPC_CACHE_DIR": str(tmp_path / "cache")}
     for overrides, message in [
-        (["model=mistral7b", "trainer=cpu"],
+        (["model=mistral7b", *ONE_CPU_PROCESS],
          "model unavailable: model.name_or_path='mistralai/Mistral-7B-v0.1' is not in the local Hugging Face cache "
          "and the hub is unreachable: http://127.0.0.1:9 cannot be reached"),
         (["data=ultrafeedback"],
@@ -315,7 +320,9 @@ def test_validate_raises_config_error_in_process():
 def test_missing_hub_model_offline_fails_at_once(tmp_path):
     run_dir = tmp_path / "run"
     start = time.time()
-    proc = run_train(["model=mistral7b", "trainer=cpu"], run_dir, env={"HF_HUB_OFFLINE": "1"}, check=False, timeout=120)
+    proc = run_train(
+        ["model=mistral7b", *ONE_CPU_PROCESS], run_dir, env={"HF_HUB_OFFLINE": "1"}, check=False, timeout=120
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2
     assert (

@@ -25,6 +25,7 @@ NON_FINGERPRINT_KEYS = (
     "trainer.eval_every",
     "trainer.save_every",
     "trainer.keep_checkpoints",
+    "trainer.allow_misfit",
     "paths",
     "eval",
     "hardware",
@@ -86,6 +87,8 @@ def validate(cfg: DictConfig) -> None:
         "error or skip_step",
         t.get("on_nonfinite"),
     )
+    misfit = t.get("allow_misfit", False)
+    _require(isinstance(misfit, bool), "trainer.allow_misfit", "true or false", misfit)
     ref_mode = t.get("reference_logps", "on_the_fly")
     _require(ref_mode in ("precompute", "on_the_fly"), "trainer.reference_logps", "precompute or on_the_fly", ref_mode)
 

@@ -256,6 +256,10 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
     from lpc.errors import ConfigError, DataError, RunDirInUse
     from lpc.training.distributed import build_accelerator, resolve_gradient_accumulation, setup_process_env
 
+    if cfg.distributed.name == "auto":  # lpc-train's preflight resolves it; here for callers that skip it
+        from lpc.preflight import resolve_distributed
+
+        resolve_distributed(cfg)
     setup_process_env(cfg.distributed)  # one rank of a multi-task SLURM job (no-op otherwise)
     quiet_library_bars()  # in a log file, the libraries' bars would leave carriage-return residue
     resolve_gradient_accumulation(cfg)  # from trainer.global_batch_size and the process count, if set
@@ -280,6 +284,13 @@ def run(cfg: DictConfig, run_dir: str | Path, step_hooks=()) -> dict:
         raise refusal
     try:
         return _train(cfg, run_dir, accelerator, step_hooks, pairs)
+    except Exception as err:
+        from lpc.preflight import disk_full
+
+        full = disk_full(err, cfg, run_dir)  # a write that did not fit: its partial files removed, the numbers
+        if full is None:
+            raise
+        raise full from err
     finally:
         if lock is not None:
             lock.close()

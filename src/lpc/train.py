@@ -33,15 +33,15 @@ def main() -> None:
     train()
 
 
-def refuse(err: Exception, message: str) -> None:
-    """A refused job: exit 2 for a single run. In a multirun the job fails and Hydra goes on with the
-    others (an exception, not SystemExit), then reports the failure and exits non-zero at the end."""
+def refuse(err: Exception, message: str, code: int = 2) -> None:
+    """A refused (exit 2) or failed job: exit ``code`` for a single run. In a multirun the job fails and Hydra
+    goes on with the others (an exception, not SystemExit), then reports the failure and exits non-zero at the end."""
     from hydra.types import RunMode
 
     log.error(message)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise err
-    sys.exit(2)
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")  # lpc/conf/
@@ -55,11 +55,32 @@ def train(cfg: DictConfig) -> float:
     except ConfigError as err:
         refuse(err, f"config error: {err}")
 
-    from lpc.errors import DataError, Interrupted, ModelUnavailable, RunDirInUse
+    from lpc.errors import DataError, DiskFull, Interrupted, ModelUnavailable, RunDirInUse, WontFit
+    from lpc.preflight import child_overrides, is_main_process, launch, preflight
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:  # still before any model loads: the sharding, lpc-plan's memory and disk verdicts, the processes
+        decision = preflight(cfg, run_dir)
+    except WontFit as err:
+        refuse(err, f"refused: {err}")
+    except ConfigError as err:
+        refuse(err, f"config error: {err}")
+    if decision.processes > 1:  # N processes on this node, none started by a launcher: start them
+        code = launch(cfg, decision.processes, child_overrides(cfg, run_dir))
+        if code:
+            import signal
+
+            how = f"stopped by {signal.Signals(code - 128).name}" if code - 128 in set(signal.Signals) else "failed"
+            message = f"the {decision.processes} training processes {how} (exit code {code}); their messages are above"
+            refuse(RuntimeError(message), message, code)
+        from lpc.training.rundir import load_metrics
+
+        return (load_metrics(run_dir) or {}).get("eval/pref_accuracy")  # rank 0 printed it
+
     from lpc.run import run
 
     try:
-        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+        metrics = run(cfg, run_dir)
     except ConfigError as err:  # found in the run directory (another config's checkpoint)
         refuse(err, f"config error: {err}")
     except DataError as err:  # bad data, found before training (most of it before any model loads)
@@ -68,10 +89,13 @@ def train(cfg: DictConfig) -> float:
         refuse(err, f"model unavailable: {err}")
     except RunDirInUse as err:
         refuse(err, str(err))
+    except DiskFull as err:  # a checkpoint, final/ or a log that did not fit: the earlier checkpoints are kept
+        refuse(err, str(err), 1)
     except Interrupted as err:
         log.warning("%s", err)
         sys.exit(128 + err.signum)
-    print(f"eval/pref_accuracy={metrics['eval/pref_accuracy']:.4f}")
+    if is_main_process():  # once, not once per rank
+        print(f"eval/pref_accuracy={metrics['eval/pref_accuracy']:.4f}")
     return metrics["eval/pref_accuracy"]  # the value Hydra sweepers optimise
 
 
