@@ -3,7 +3,8 @@
 # produce, and how to report a failure.
 #   1. one GPU:  SmolLM2-135M (model=smollm2), LPC-DPO (latent=discrete), bf16, 20 steps
 #   2. 8 GPUs:   the tiny model under DeepSpeed ZeRO-3 (accelerate launch --config_file .../zero3.yaml --num_processes 8)
-#   3. 8 GPUs:   Llama-3-8B (model=llama3_8b) under ZeRO-3, 20 steps; it downloads meta-llama/Meta-Llama-3-8B (a
+#   3. 8 GPUs:   Llama-3-8B (model=llama3_8b) under ZeRO-3 on the synthetic pairs (not its default UltraFeedback, whose
+#                reference scoring of ~61k pairs would dwarf a smoke test), 20 steps; it downloads meta-llama/Meta-Llama-3-8B (a
 #                gated repository: `huggingface-cli login` first) unless SMOKE_LLAMA_ARGS=model.name_or_path=<local copy>
 # Where torch sees no CUDA device it prints "no CUDA: skipping ..." and exits 0.
 #
@@ -147,7 +148,7 @@ for step in $STEPS; do
     2) need_gpus 2-tiny-zero3 && run 2-tiny-zero3 "$GPUS" "${LAUNCH[@]}" src/train.py distributed=zero3 model=tiny \
          trainer.precision=bf16 "${COMMON[@]}" "${EXTRA[@]}" ;;
     3) need_gpus 3-llama3_8b-zero3 && run 3-llama3_8b-zero3 "$GPUS" env HF_HUB_OFFLINE=0 "${LAUNCH[@]}" \
-         src/train.py distributed=zero3 model=llama3_8b "${COMMON[@]}" "${EXTRA[@]}" "${LLAMA_EXTRA[@]}" ;;
+         src/train.py distributed=zero3 model=llama3_8b data=synthetic "${COMMON[@]}" "${EXTRA[@]}" "${LLAMA_EXTRA[@]}" ;;
     *) echo "SMOKE_STEPS: no step $step (1, 2 or 3)"; exit 2 ;;
   esac
 done

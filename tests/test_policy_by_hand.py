@@ -120,7 +120,11 @@ def test_z_kl_is_the_response_tokens_kl_to_the_lm_without_z(lm):
         log_p = lm.lm_head(h + torch.cat([Z, Z])[:, None, :]).log_softmax(-1)
         log_p0 = lm.lm_head(h).log_softmax(-1)
     expected = [
-        sum((log_p[i, t - 1].exp() * (log_p[i, t - 1] - log_p0[i, t - 1])).sum().item() for t in range(1, 5) if RESP[i, t])
+        sum(
+            (log_p[i, t - 1].exp() * (log_p[i, t - 1] - log_p0[i, t - 1])).sum().item()
+            for t in range(1, 5)
+            if RESP[i, t]
+        )
         for i in range(4)
     ]
     torch.testing.assert_close(z_kl, torch.tensor(expected), atol=1e-5, rtol=1e-5)

@@ -74,13 +74,13 @@ def test_without_the_gate_the_first_step_is_not_the_reference(tmp_path):
 
 
 def test_zero_codes_start_at_the_reference_without_a_gate(tmp_path):
-    check_step_zero(build("tiny", "discrete", "head", tmp_path, ["latent.gate_init=null", "latent.codebook_init=zeros"]))
+    check_step_zero(
+        build("tiny", "discrete", "head", tmp_path, ["latent.gate_init=null", "latent.codebook_init=zeros"])
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "latent,injection", [("discrete", "head"), ("continuous", "head"), ("discrete", "pre_norm")]
-)
+@pytest.mark.parametrize("latent,injection", [("discrete", "head"), ("continuous", "head"), ("discrete", "pre_norm")])
 def test_smollm2_policy_is_the_reference_at_step_zero(latent, injection, tmp_path):
     """The pretrained LM: the step-1 loss is ln 2 and greedy answers with the prior's z are the base model's."""
     from lpc.evaluation.integrity import LMProbe

@@ -45,7 +45,12 @@ def test_report_tables_by_hand(tmp_path, capsys):
     fake_run(root, "dpo1", ["latent=none", "seed=1"], {"eval/pref_accuracy": 0.90, "eval/ceiling": 1.0})
     fake_run(root, "lpc0", ["latent=discrete", "seed=0"], lpc_metrics(0.90, 0.7, 0.1, 0.5, 2, 0.9, 1.01))
     fake_run(root, "lpc1", ["latent=discrete", "seed=1"], lpc_metrics(0.96, 0.8, 0.2, 0.7, 4, 1.0, 1.03))
-    fake_run(root, "lr10", ["latent=discrete", "latent.lr_multiplier=10", "seed=0"], lpc_metrics(0.95, 0.6, 0, 1, 1, 0, 1.2, 1.0))
+    fake_run(
+        root,
+        "lr10",
+        ["latent=discrete", "latent.lr_multiplier=10", "seed=0"],
+        lpc_metrics(0.95, 0.6, 0, 1, 1, 0, 1.2, 1.0),
+    )
     fake_run(root, "unfinished", ["latent=discrete", "seed=2"], {"eval/pref_accuracy": 0.1}, status="running")
     assert main([str(root), "--out", str(tmp_path / "out"), "--command", "make benchmark-synthetic"]) == 0
     md = (tmp_path / "out" / "benchmark.md").read_text()

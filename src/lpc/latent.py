@@ -123,7 +123,7 @@ class _LatentBase(nn.Module):
     ``z_injection`` head (z added to the LM head's input, after the final norm) | pre_norm (before it);
     ``gate_init`` the start of a learned scalar gain on z (0: z = 0 at step 0, the policy is the
     reference; None: no gain, z is the code itself); ``lr`` the latent's absolute learning rate (None:
-    the LM's x ``lr_multiplier``); ``lm_kl_weight`` mu of a penalty mu x KL(pi(.|x,z) || pi(.|x,0)) per
+    the LM's x ``lr_multiplier``); ``head_lr`` the prior and posterior heads' (None: ``lr``'s); ``lm_kl_weight`` mu of a penalty mu x KL(pi(.|x,z) || pi(.|x,0)) per
     response token, read by the policy and the trainer (0: off)."""
 
     def __init__(
@@ -144,6 +144,7 @@ class _LatentBase(nn.Module):
         lr_multiplier: float = 1.0,
         gate_init: float | None = 0.0,
         lr: float | None = None,
+        head_lr: float | None = None,
         lm_kl_weight: float = 0.0,
     ):
         super().__init__()
@@ -158,6 +159,8 @@ class _LatentBase(nn.Module):
         require_number("latent.lm_kl_weight", lm_kl_weight, "a number >= 0 (0: no penalty)", lambda v: v >= 0)
         if lr is not None:
             require_number("latent.lr", lr, "null (the LM's lr x lr_multiplier) or a number > 0", lambda v: v > 0)
+        if head_lr is not None:
+            require_number("latent.head_lr", head_lr, "null (latent.lr's) or a number > 0", lambda v: v > 0)
         if gate_init is not None:
             require_number("latent.gate_init", gate_init, "null (no gate) or a number (0: z = 0 at step 0)")
         for key, v in (("mix_start", mix_start), ("mix_end", mix_end), ("mix_value", mix_value)):
@@ -167,9 +170,11 @@ class _LatentBase(nn.Module):
         # Read by the trainer: the optimizer gives the latent's parameters lr x lr_multiplier.
         self.lr_multiplier = float(lr_multiplier)
         self.lr = None if lr is None else float(lr)
+        self.head_lr = None if head_lr is None else float(head_lr)
         self.lm_kl_weight = float(lm_kl_weight)
-        # z = gate x (the latent's own z): a scalar, so it reads as ||z|| / ||h|| for codes at the hidden norm
-        self.gate = None if gate_init is None else nn.Parameter(torch.tensor(float(gate_init)))
+        # z = gate x (the latent's own z): one number, so it reads as ||z|| / ||h|| for codes at the hidden norm.
+        # Shape (1,), not 0-d: DeepSpeed's ZeRO-3 broadcast cannot view a 0-d parameter as bytes.
+        self.gate = None if gate_init is None else nn.Parameter(torch.tensor([float(gate_init)]))
         self.kl_warmup, self.kl_free_bits = float(kl_warmup), float(kl_free_bits)
         self.mix = dict(schedule=mix_schedule, start=mix_start, end=mix_end, value=mix_value)
         self.head_hidden_size = head_hidden_size or hidden_size
@@ -192,6 +197,10 @@ class _LatentBase(nn.Module):
 
     def calibrate(self, hidden_norm: float) -> None:
         """Called once with the backbone's typical final hidden-state norm (see ``lpc.policy``)."""
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The prior's and posterior's MLPs (``head_lr``); the rest (codes, gate) make z itself (``lr``)."""
+        return [*self.prior.parameters(), *self.posterior.parameters()]
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` through the learned gain (unchanged without one)."""

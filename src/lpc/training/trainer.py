@@ -128,16 +128,23 @@ class PreferenceTrainer:
 
     @staticmethod
     def param_groups(model: PreferenceModel, lr: float) -> list[dict]:
-        """The LM's parameters at ``lr``; the latent module's at its own ``latent.lr`` when set, else at
-        ``lr x latent.lr_multiplier`` (its codes, gate and heads start from scratch while the LM is pretrained:
-        at a paper LM rate of 5e-7 they would not move, docs/method.md)."""
+        """The LM's parameters at ``lr``; the latent's codes and gate at its own ``latent.lr`` when set, else at
+        ``lr x latent.lr_multiplier``, and its prior/posterior heads at ``latent.head_lr`` (default: the same).
+        They start from scratch while the LM is pretrained: at a paper LM rate of 5e-7 they would not move
+        (docs/method.md)."""
         latent_ids = {id(p) for p in model.latent.parameters()} if model.latent is not None else set()
         lm = [p for p in model.parameters() if p.requires_grad and id(p) not in latent_ids]
         groups = [{"params": lm}]
         if model.latent is not None:
-            lat = [p for p in model.latent.parameters() if p.requires_grad]
-            own = model.latent.lr
-            groups.append({"params": lat, "lr": own if own is not None else lr * model.latent.lr_multiplier})
+            latent = model.latent
+            own = latent.lr if latent.lr is not None else lr * latent.lr_multiplier
+            heads = {id(p) for p in latent.head_parameters()}
+            z_params = [p for p in latent.parameters() if p.requires_grad and id(p) not in heads]
+            groups.append({"params": z_params, "lr": own})
+            # the heads read a d-wide hidden state: an Adam step moves their logits about lr x d, so a z-sized lr
+            # saturates them within steps on a wide backbone (latent.head_lr; docs/method.md)
+            head_params = [p for p in latent.head_parameters() if p.requires_grad]
+            groups.append({"params": head_params, "lr": latent.head_lr if latent.head_lr is not None else own})
         return groups
 
     # ------------------------------------------------------------------ data
