@@ -308,10 +308,19 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> di
     trainer.step_hooks.extend(step_hooks)
     title = plot_title(cfg)
     trainer.final_hooks.append(lambda t, pairs: final_analysis(t, run_dir / "analysis", pairs=pairs, title=title))
+    # Is the policy still a language model? The initial LM (the reference) is measured now, before the first step
+    # (on resume too: the checkpoint loads inside train()); generation is left out where the weights are sharded.
+    from lpc.evaluation.integrity import LMProbe, lm_integrity
+
+    probe = LMProbe(tokenizer, chat_template=bool(cfg.data.get("chat_template", False)))
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    reference = probe.measure_reference(accelerator.unwrap_model(trainer.model).lm, generate=not sharded)
+    trainer.final_hooks.append(
+        lambda t, pairs: lm_integrity(t, run_dir / "analysis", probe, reference, pairs, generate=not sharded)
+    )
     metrics = trainer.train()
     metrics.update(data_stats)
     # Sharded weights (FSDP/ZeRO-3) are gathered by every rank, then rank 0 writes them.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     full_state = accelerator.get_state_dict(trainer.model) if sharded else None
     if trainer.accelerator.is_main_process:
         with phase(f"export {run_dir / 'final'}", log):
