@@ -85,6 +85,11 @@ def test_a_large_z_is_flagged_and_a_zero_z_is_not(tiny_lm):
     lm, tok = tiny_lm
     probe = LMProbe(tok)
     reference = probe.measure_reference(lm)
+    # the random-init model is no language model (NLL near ln V): its runs get the figures but no verdict
+    assert reference["nll"] > integrity.LM_NLL_FRACTION * math.log(lm.config.vocab_size)
+    unjudged = probe.measure(lm, Bias(torch.zeros(lm.config.hidden_size)), reference, generate=False)["metrics"]
+    assert unjudged["lm/reference_is_lm"] == 0.0 and "lm/damaged" not in unjudged
+    reference = {**reference, "nll": 0.5 * math.log(lm.config.vocab_size)}  # judged as if it were one
     d = lm.config.hidden_size
     calm = probe.measure(lm, Bias(torch.zeros(d)), reference, generate=True)["metrics"]
     assert calm["lm/nll_ratio"] == pytest.approx(1.0) and calm["lm/damaged"] == 0.0
@@ -93,7 +98,7 @@ def test_a_large_z_is_flagged_and_a_zero_z_is_not(tiny_lm):
     w = lm.get_output_embeddings().weight[5].detach()
     loud = probe.measure(lm, Bias(30 * math.sqrt(d) * w / w.norm()), reference, generate=False)["metrics"]
     assert loud["lm/nll_ratio"] > 1 + integrity.NLL_TOLERANCE and loud["lm/damaged"] == 1.0
-    assert loud["lm/text_nll/reference"] == pytest.approx(reference["nll"])
+    assert loud["lm/text_nll/reference"] == pytest.approx(reference["nll"]) and loud["lm/reference_is_lm"] == 1.0
 
 
 def test_the_report_lists_damaged_runs(tmp_path):
