@@ -11,7 +11,9 @@ and reversed on odd ones, so a drift of the machine's speed lands on both sides 
 the geometric mean over rounds of A / B within a round, with the 95% t interval of the per-round log ratios
 (``ratio_interval`` says why not a bootstrap). Our configurations also time each phase of a step
 (backbone forward, latent heads, LM head and log-probs, reference, loss, backward, optimizer) by wrapping
-those methods of the built trainer with timers: the code measured is the code that trains.
+those methods of the built trainer with timers: the code measured is the code that trains. Each process also
+records the CPU it ran on (``cpu_model``, /proc/cpuinfo's "model name") and the kernels torch ran
+(``cpu_capability``: AVX512, AVX2 or DEFAULT, which ``ATEN_CPU_CAPABILITY`` can lower), and the report names them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,38 @@ def configs(models: list[str]) -> dict[str, dict]:
         out[f"{m}/dpo-precomputed"] = {"kind": "ours", "overrides": base + ["trainer.reference_logps=precompute"]}
         out[f"{m}/trl-dpo"] = {"kind": "trl", "overrides": base + ["trainer.reference_logps=on_the_fly"]}
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's first "model name" (Linux x86), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """Where a measurement ran: the CPU model and the vectorised kernels torch chose on it (its capability,
+    lowered by ATEN_CPU_CAPABILITY when that is set)."""
+    import torch
+
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+    }
+
+
+def recorded_cpus(table: dict) -> str:
+    """The CPU model(s) and torch kernels the rows of a summary table were measured with, as the report states
+    them; rounds recorded before benchmarks/speed.py wrote them say so instead of guessing."""
+    seen = sorted({(r["cpu_model"], r.get("cpu_capability") or "?") for r in table.values() if r.get("cpu_model")})
+    if not seen:
+        return "not recorded in these rounds (benchmarks/speed.py did not record it yet when they ran)"
+    return "; ".join(f"{model}, torch kernels {capability}" for model, capability in seen)
 
 
 def rss_mb() -> float:
@@ -242,7 +276,7 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fn = time_trl if spec["kind"] == "trl" else time_ours
         res = fn(cfg, steps, warmup, Path(tmp))
-    res.update({"name": name, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()})
+    res.update({"name": name, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(), **machine()})
     print("BENCH " + json.dumps(res))
 
 
@@ -305,6 +339,7 @@ def summarize(results: dict[str, list[dict]], models: list[str]) -> dict:
             continue
         row = {"rounds": len(ok), **{k: statistics.median(r[k] for r in ok) for k in ("step_s", "peak_rss_mb")}}
         row.update({k: ok[0].get(k) for k in ("params", "latent_params", "trl_version", "setup_s")})
+        row.update({k: ok[0][k] for k in ("cpu_model", "cpu_capability") if k in ok[0]})
         if "tokens_per_s" in ok[0]:
             row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
         if "phases_s" in ok[0]:  # means over rounds, so the phases and "other" add up to the step
@@ -466,6 +501,8 @@ def write_report(
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
         f"load average at the end {os.getloadavg()[0]:.1f}.",
         "",
+        f"CPU: {recorded_cpus(table)}.",
+        "",
         f"Setup: batch {BATCH} pairs, max_length {MAX_LEN}, fp32, CPU, 1 process of {threads} torch thread(s); each "
         f"process times {steps} steps "
         f"after {warmup} warm-up steps and reports their median. The table gives the median over rounds; "
@@ -597,6 +634,7 @@ def main() -> None:
     write_report(summary, Path(a.out), command.strip(), models, a.rounds, a.steps, a.warmup, a.threads, previous)
     for q in summary["ratios"]:
         print(f"{q['model']} {q['ratio']}: {q['value']:.3f} [{q['low']:.3f}, {q['high']:.3f}] {q['verdict']}")
+    print(f"CPU: {recorded_cpus(summary['table'])}")
     print(f"wrote {a.out}")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,15 @@ def test_lpc_configuration_times_the_trainer_lpc_train_builds():
     }  # fmt: skip
     assert all(v > 0 for v in phases.values())
     assert sum(v for k, v in phases.items() if k != "step") <= phases["step"]  # disjoint parts of one step
+    # where it ran: this CPU and the kernels torch picks in this environment (ATEN_CPU_CAPABILITY lowers them)
+    import torch
+
+    assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert r["aten_cpu_capability"] == os.environ.get("ATEN_CPU_CAPABILITY")
+    assert r["cpu_model"].strip()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = {ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")}
+    assert not names or r["cpu_model"] in names
 
 
 def bench_module():
@@ -69,6 +79,7 @@ def test_ratio_interval_pairs_the_rounds():
 def test_summary_and_report_from_rounds(tmp_path):
     speed = bench_module()
     row = {"peak_rss_mb": 500.0, "params": 10, "latent_params": 0, "setup_s": 1.0, "tokens_per_s": 100.0}
+    row |= {"cpu_model": "Some CPU 9000", "cpu_capability": "AVX2"}
     phases = {p: 0.001 for p in speed.PHASES} | {"step": 0.01}
     results = {
         "tiny/dpo": [row | {"step_s": s, "phases_s": phases} for s in (1.0, 2.0, 1.0)],
@@ -89,6 +100,11 @@ def test_summary_and_report_from_rounds(tmp_path):
     assert "| tiny | LPC/DPO | 1.097 | [" in md and "| tiny/dpo-precomputed | failed: boom" in md
     assert "| tiny/trl-dpo | 3 | 2.0000 | 50 | 600 | 10 | 0 |" in md  # TRL's tokens/s: ours' tokens, TRL's time
     assert "## Where a step's time goes: tiny" in md and "| latent heads | 1.0 | 1.0 | +0.0 |" in md
+    assert "\nCPU: Some CPU 9000, torch kernels AVX2.\n" in md  # from the rounds, not from the machine writing it
+    # rounds recorded before the CPU was: the report says so rather than naming this machine's
+    old = {name: [{k: v for k, v in r.items() if not k.startswith("cpu_")} for r in rs] for name, rs in results.items()}
+    speed.write_report(speed.summarize(old, ["tiny"]), out, "python benchmarks/speed.py", ["tiny"], 3, 8, 2)
+    assert "\nCPU: not recorded in these rounds" in out.read_text()
 
 
 def test_readings_and_the_previous_run_come_from_the_numbers():
