@@ -16,8 +16,17 @@ from conftest import FAST, compose, read_metrics, run_train
 
 # ---------------------------------------------------------------------- helpers
 def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
-    """A PreferenceTrainer built from a composed config by ``lpc.run.build_trainer`` (in-process)."""
+    """A PreferenceTrainer built from a composed config by ``lpc.run.build_trainer`` (in-process).
+
+    The latent's gate is opened (``latent.gate_init=1``: z is the code itself, exactly) unless a test sets it:
+    these tests check what z does once it is not 0; that z starts at 0 is tests/test_policy_starts_at_reference.py's.
+    """
     from lpc.run import build_trainer
+
+    if any(o.startswith("latent=") and o != "latent=none" for o in overrides) and not any(
+        o.startswith("latent.gate_init=") for o in overrides
+    ):
+        overrides = [*overrides, "latent.gate_init=1.0"]
 
     # on_the_fly: the reference is a frozen model run next to the policy (precompute would load cached
     # log-probs instead and run no reference pass during training at all).
@@ -383,23 +392,34 @@ def test_codebook_is_calibrated_to_the_hidden_state_norm(tmp_path):
     assert t2.model.latent.codebook.detach().std().item() == pytest.approx(0.02, rel=0.05)
 
 
-def test_latent_parameters_get_their_own_learning_rate(tmp_path):
+@pytest.mark.parametrize(
+    "options,rates",
+    [
+        (["latent.lr=null", "latent.lr_multiplier=10"], [1e-3, 1e-2, 1e-2]),  # a multiple of the LM's
+        (["latent.lr=3e-2"], [1e-3, 3e-2, 3e-2]),  # its own absolute rate (the lr_multiplier is not read)
+        (["latent.lr=3e-2", "latent.head_lr=1e-4", "latent.lr_multiplier=10"], [1e-3, 3e-2, 1e-4]),
+    ],
+)
+def test_latent_parameters_get_their_own_learning_rate(tmp_path, options, rates):
+    """Three groups: the LM, what z is made of (codes, gate) and the prior/posterior heads."""
     t = make_trainer(
         [
             "latent=discrete",
             "codebook=4",
-            "latent.lr_multiplier=10",
             "trainer.lr=1e-3",
             "trainer.warmup_steps=0",
             "trainer.lr_scheduler=constant",
+            *options,
         ],
         tmp_path,
     )
     groups = t.optimizer.param_groups
-    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
-    latent_ids = {id(p) for p in t.model.latent.parameters()}
-    assert {id(p) for p in groups[1]["params"]} == latent_ids
-    assert not latent_ids & {id(p) for p in groups[0]["params"]}
+    assert [g["lr"] for g in groups] == pytest.approx(rates)
+    lat = t.model.latent
+    heads = {id(p) for p in [*lat.prior.parameters(), *lat.posterior.parameters()]}
+    assert {id(p) for p in groups[1]["params"]} == {id(lat.codebook), id(lat.gate)}
+    assert {id(p) for p in groups[2]["params"]} == heads
+    assert not {id(p) for p in lat.parameters()} & {id(p) for p in groups[0]["params"]}
 
 
 def test_temperature_annealing_and_kl_warmup_by_hand():
