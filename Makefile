@@ -101,6 +101,18 @@ synthetic-weak-ablation: install
 	  $(SYNTH) $(HEADLINE) latent=discrete latent.lr_multiplier=10 \
 	    hydra.sweep.dir=$(SYNTH_DIR)/ablation-lr10; } & $(BOTH)
 
+# The pretrained tier (docs/synthetic-benchmark.md, "On a pretrained LM"): SmolLM2-135M-Instruct at the paper's LM
+# learning rate, DPO vs LPC-DPO (the defaults) over PRE_SEEDS, then the tables with the LM-integrity columns. Each run
+# ~15 min on one core of this machine kind; two sweeps at a time. PRE_ARGS adds overrides to both (e.g. a latent option).
+PRE_DIR   ?= outputs/benchmark/pretrained
+PRE_SEEDS ?= 0,1,2
+PRE       := OMP_NUM_THREADS=1 $(PY) src/train.py -m experiment=synthetic_pretrained seed=$(PRE_SEEDS) $(PRE_ARGS)
+.PHONY: benchmark-pretrained
+benchmark-pretrained: install
+	$(PRE) latent=none hydra.sweep.dir=$(PRE_DIR)/dpo & b=$$!; \
+	$(PRE) latent=discrete hydra.sweep.dir=$(PRE_DIR)/lpc & $(BOTH)
+	$(PY) -m lpc.experiments.synthetic $(PRE_DIR) --command "make benchmark-pretrained"
+
 # The paper's experiments (docs/experiments.md): SCALE=cpu|paper, LAUNCHER=local|submitit_local|slurm,
 # ARGS=extra overrides (e.g. hydra.launcher.partition=gpu). A rerun only runs the missing/failed runs.
 SCALE    ?= cpu

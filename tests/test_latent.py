@@ -18,15 +18,20 @@ from conftest import FAST, compose, read_metrics, run_train
 def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
     """A PreferenceTrainer built from a composed config by ``lpc.run.build_trainer`` (in-process).
 
-    The latent's gate is opened (``latent.gate_init=1``: z is the code itself, exactly) unless a test sets it:
-    these tests check what z does once it is not 0; that z starts at 0 is tests/test_policy_starts_at_reference.py's.
+    z is made non-zero from the start unless a test sets these keys: the codes at the hidden state's norm
+    (``latent.codebook_init=hidden``) behind an open gate (``latent.gate_init=1``: z is the code itself, exactly).
+    These tests check what z does once it is not 0; that z starts at 0 is tests/test_policy_starts_at_reference.py's.
     """
     from lpc.run import build_trainer
 
-    if any(o.startswith("latent=") and o != "latent=none" for o in overrides) and not any(
-        o.startswith("latent.gate_init=") for o in overrides
-    ):
-        overrides = [*overrides, "latent.gate_init=1.0"]
+    def unset(key):
+        return not any(o.startswith(f"latent.{key}=") for o in overrides)
+
+    if any(o.startswith("latent=") and o != "latent=none" for o in overrides):
+        if "latent=discrete" in overrides and unset("codebook_init"):
+            overrides = [*overrides, "latent.codebook_init=hidden"]
+        if unset("gate_init"):
+            overrides = [*overrides, "latent.gate_init=1.0"]
 
     # on_the_fly: the reference is a frozen model run next to the policy (precompute would load cached
     # log-probs instead and run no reference pass during training at all).

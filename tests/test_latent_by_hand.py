@@ -128,7 +128,8 @@ def test_continuous_forward_at_evaluation_by_hand():
 
 # ---------------------------------------------------------------------- discrete
 def discrete(**kw):
-    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, **{"gate_init": None, **kw})
+    opts = {"gate_init": None, "codebook_init": "hidden", **kw}  # the codes are set below
+    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, **opts)
     with torch.no_grad():
         lat.codebook.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]))
     constant_head(lat.prior, [math.log(2.0), 0.0, math.log(1.0)])  # p = (1/2, 1/4, 1/4)
@@ -161,7 +162,7 @@ def test_discrete_prior_z_expectation_argmax_and_sample():
 
 
 def test_discrete_calibrate_scales_every_code_to_the_hidden_norm():
-    lat = DiscreteLatent(hidden_size=2, codebook_size=2, codebook_init_scale=0.5)
+    lat = DiscreteLatent(hidden_size=2, codebook_size=2, codebook_init="hidden", codebook_init_scale=0.5)
     with torch.no_grad():
         lat.codebook.copy_(torch.tensor([[3.0, 4.0], [0.0, -2.0]]))
     lat.calibrate(10.0)  # rows of norm 0.5 x 10

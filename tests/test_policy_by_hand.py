@@ -190,11 +190,11 @@ def test_expected_hidden_norm_is_the_final_norm_weights_norm():
 def test_a_fresh_latent_is_calibrated_to_the_backbone(lm):
     from lpc.latent import DiscreteLatent
 
-    latent = DiscreteLatent(hidden_size=8, codebook_size=3)
+    latent = DiscreteLatent(hidden_size=8, codebook_size=3, codebook_init="hidden")
     PreferenceModel(lm, latent)
     norm = torch.linspace(0.5, 2.0, 8).norm().item()
     torch.testing.assert_close(latent.codebook.detach().norm(dim=-1), torch.full((3,), norm))
-    kept = DiscreteLatent(hidden_size=8, codebook_size=3)
+    kept = DiscreteLatent(hidden_size=8, codebook_size=3, codebook_init="hidden")
     before = kept.codebook.detach().clone()
     PreferenceModel(lm, kept, calibrate=False)
     assert torch.equal(kept.codebook.detach(), before)

@@ -3,8 +3,9 @@
 For every latent (discrete, continuous), both places z enters (``latent.z_injection``) and both backbones
 (the random-init tiny Llama and the pretrained SmolLM2-135M): the first step's implicit rewards are 0, its
 loss less lambda x KL is ln 2, the policy's log-probs equal the reference's, and greedy generation with the
-prior's z equals the base model's. The continuous latent's training samples (u ~ N(0, 1) at the hidden
-state's scale) are not 0: only the gate (``latent.gate_init=0``) makes z = 0.
+prior's z equals the base model's. The discrete default starts its codes at 0 (``latent.codebook_init=zeros``);
+the continuous latent's training samples (u ~ N(0, 1) at the hidden state's scale) are not 0: its gate
+(``latent.gate_init=0``) makes z = 0.
 """
 
 from __future__ import annotations
@@ -63,20 +64,23 @@ def test_tiny_policy_is_the_reference_at_step_zero(latent, injection, tmp_path):
     check_step_zero(build("tiny", latent, injection, tmp_path))
 
 
-def test_without_the_gate_the_first_step_is_not_the_reference(tmp_path):
+def test_codes_at_the_hidden_norm_without_a_gate_are_not_the_reference(tmp_path):
     """The check above can fail: codes at the hidden state's norm with no gate move the policy off the
     reference before any step (the former default)."""
-    trainer = build("tiny", "discrete", "head", tmp_path, ["latent.gate_init=null"])
+    trainer = build("tiny", "discrete", "head", tmp_path, ["latent.gate_init=null", "latent.codebook_init=hidden"])
     batch = next(trainer._micro_batches(0))
     loss, metrics, _ = trainer.compute_loss(batch, progress=0.0)
     assert metrics["latent/z_norm"].item() > 1.0
     assert abs(metrics["rewards/margins"].item()) > 1e-3
 
 
-def test_zero_codes_start_at_the_reference_without_a_gate(tmp_path):
-    check_step_zero(
-        build("tiny", "discrete", "head", tmp_path, ["latent.gate_init=null", "latent.codebook_init=zeros"])
-    )
+def test_codes_at_the_hidden_norm_behind_a_closed_gate_start_at_the_reference(tmp_path):
+    check_step_zero(build("tiny", "discrete", "head", tmp_path, ["latent.gate_init=0", "latent.codebook_init=hidden"]))
+
+
+def test_a_closed_gate_on_zero_codes_is_refused(tmp_path):
+    with pytest.raises(Exception, match="no gradient"):
+        build("tiny", "discrete", "head", tmp_path, ["latent.gate_init=0", "latent.codebook_init=zeros"])
 
 
 @pytest.mark.slow

@@ -26,12 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 ZERO3 = SRC / "lpc/training/accelerate/zero3.yaml"
 # LPC-DPO, 3 optimizer steps of 16 pairs (micro-batch 4 x accumulation 2 x 2 processes), a checkpoint at step 2.
-# The latent's own learning rate (lr_multiplier) makes its parameter group distinguishable from the LM's; step 2's
+# The latent's learning rate as a multiple of the LM's (lr_multiplier, with latent.lr=null) makes its parameter groups
+# distinguishable from the LM's; codes at the hidden state's norm make z act from step 1; step 2's
 # gradient norm (1.6) exceeds max_grad_norm, step 1's (1.4) does not, so DeepSpeed must clip at it as DDP does.
 STEPS = [
     "model=tiny",
     "latent=discrete",
+    "latent.lr=null",
     "latent.lr_multiplier=10",
+    "latent.codebook_init=hidden",
     "data.n_train=64",
     "data.n_eval=16",
     "trainer.max_steps=3",
@@ -149,12 +152,13 @@ def test_zero3_exports_the_gathered_weights_and_trains_the_latent(runs):
 
     ddp, z3 = runs["ddp"], runs["zero3"]
     probe = json.loads((z3 / PROBE / "step1.json").read_text())
-    # the latent module is the optimizer's second parameter group, at lr x latent.lr_multiplier, and its
-    # ZeRO-3 partitions over both ranks hold all of its elements
-    assert probe["groups"] == 2 and probe["latent_group_is_the_latent"] and probe["lm_group_is_the_rest"]
+    # the latent module is the optimizer's second and third parameter groups (its codes; its heads), at lr x
+    # latent.lr_multiplier, and its ZeRO-3 partitions over both ranks hold all of its elements
+    assert probe["groups"] == 3 and probe["latent_group_is_the_latent"] and probe["lm_group_is_the_rest"]
     assert probe["group_lr_ratio"] == pytest.approx(10.0)
-    for group, numel in ((0, probe["lm_numel"]), (1, probe["latent_numel"])):
-        assert numel > 0 and numel <= probe["fp32_numel"][group] < numel + 64, group  # (+ alignment padding)
+    fp32 = probe["fp32_numel"]
+    for numel, held in ((probe["lm_numel"], fp32[0]), (probe["latent_numel"], fp32[1] + fp32[2])):
+        assert numel > 0 and numel <= held < numel + 128, (numel, held)  # (+ alignment padding)
     # final/ holds full (gathered) weights, equal to DDP's
     for name in ("model.safetensors", "latent.safetensors"):
         w_ddp, w_z3 = weights(ddp, name), weights(z3, name)
@@ -256,7 +260,7 @@ def _probes():
             "all_params_partitioned": all(hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel for p in params),
             "local_fraction": held / full,
             "groups": len(groups),
-            "latent_group_is_the_latent": group_params.get(1) == latent_ids,
+            "latent_group_is_the_latent": group_params.get(1, set()) | group_params.get(2, set()) == latent_ids,
             "lm_group_is_the_rest": group_params.get(0) == {id(p) for p in params} - latent_ids,
             "fp32_numel": acc.reduce(fp32, "sum").tolist(),  # summed over the ranks' partitions
             "group_lr_ratio": groups[1]["lr"] / groups[0]["lr"] if len(groups) > 1 else None,

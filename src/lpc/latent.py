@@ -221,13 +221,19 @@ class DiscreteLatent(_LatentBase):
         temperature: float = 1.0,
         temperature_min: float | None = None,
         hard: bool = True,
-        codebook_init: str = "hidden",
+        codebook_init: str = "zeros",
         codebook_init_scale: float = 1.0,
         inference: str = "expectation",
         name: str = "discrete",
+        gate_init: float | None = None,
         **common,
     ):
-        super().__init__(hidden_size, name=name, **common)
+        super().__init__(hidden_size, name=name, gate_init=gate_init, **common)
+        if codebook_init == "zeros" and gate_init == 0:
+            raise ValueError(
+                "latent.gate_init=0 with latent.codebook_init=zeros: z = gate x code would get no gradient (both "
+                "factors start at 0); use one of them (gate_init=null with zeros, or codebook_init=hidden with a gate)"
+            )
         require_number("codebook", codebook_size, "an integer >= 1 (the number of codes K)", lambda v: v >= 1, True)
         require_number("latent.temperature", temperature, "a number > 0", lambda v: v > 0)
         if temperature_min is not None:
