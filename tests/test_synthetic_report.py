@@ -87,4 +87,19 @@ def test_the_pretrained_tier_is_its_own_table_titled_with_model_and_lm_rate(tmp_
     (run / "metrics.json").write_text(json.dumps({"status": "completed", **lpc_metrics(0.7, 0.6, 0.1, 0.2, 2, 1.0)}))
     assert main([str(root), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "benchmark.md").read_text()
-    assert "**smollm2, LM lr 5e-07, 2 types, conflict 1, tag always, 80 steps**" in md
+    assert "**smollm2, LM lr 5e-07, 2 types, conflict 1, tag always, 60 steps**" in md
+
+
+def test_a_run_is_labelled_by_its_latent_as_it_ran_not_by_its_overrides(tmp_path):
+    """A run made under another default is labelled with the value it ran with: its composed config is read
+    against today's defaults, whatever its command line said."""
+    root = tmp_path / "runs"
+    run = root / "old"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = compose(HEADLINE + ["latent=discrete", "seed=0"])
+    cfg.latent.codebook_init = "hidden"  # as if hidden had been the default when it ran
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(HEADLINE + ["latent=discrete", "seed=0"]), run / ".hydra" / "overrides.yaml")
+    (run / "metrics.json").write_text(json.dumps({"status": "completed", **lpc_metrics(0.9, 0.8, 0.1, 0.2, 2, 1.0)}))
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    assert "| LPC-DPO [latent.codebook_init=hidden] | 1 |" in (tmp_path / "out" / "benchmark.md").read_text()

@@ -4,9 +4,9 @@
     lpc-synthetic-report DIR --out docs/assets/synthetic-benchmark
 
 A run is a directory with a ``metrics.json`` of status ``completed`` and Hydra's ``.hydra/``. Runs that
-differ only in ``seed`` form one cell. A cell's data setting (conflict, visibility, tag accuracy,
-label noise, flips, steps) is read from its composed config; its method (algorithm, latent, and
-every ``latent.*`` / ``codebook`` override) from its overrides. Each cell gives the mean with a 95%
+differ only in ``seed`` form one cell. A cell's data setting (model, LM learning rate, conflict, visibility,
+tag accuracy, label noise, flips, steps) and its method (algorithm, latent, and every ``latent.*`` / ``codebook``
+value that differs from today's defaults) are read from its composed config. Each cell gives the mean with a 95%
 t interval over seeds, the best achievable accuracy (the generator's Bayes ceiling), the paired
 difference to the same algorithm without a latent on the same seeds (same data) with a paired
 t-test, and the latent's diagnostics (z ablations, prior entropy, codes used, NMI beside its chance
@@ -16,8 +16,11 @@ baseline). Writes ``benchmark.md`` and ``benchmark.json`` into ``--out`` (defaul
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from lpc.files import atomic_write_json, atomic_write_text
 from lpc.stats import fmt_mean_ci, paired_difference, summarize
@@ -65,11 +68,43 @@ def read_run(run_dir: Path) -> dict | None:
     if cfg is None or rundir.status(run_dir) != "completed":
         return None
     metrics = rundir.load_metrics(run_dir)
-    overrides = rundir.load_overrides(run_dir)
     data = data_setting(cfg)
-    latent_opts = sorted(o for o in overrides if o.startswith(("latent.", "codebook=")))
-    method = {"algo": str(cfg.algo.name), "latent": str(cfg.latent.name), "options": latent_opts}
+    method = {"algo": str(cfg.algo.name), "latent": str(cfg.latent.name), "options": latent_options(cfg)}
     return {"data": data, "method": method, "seed": int(cfg.seed), "metrics": metrics, "dir": str(run_dir)}
+
+
+@functools.cache
+def _default_latent(name: str) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from lpc.conf import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"latent={name}"])
+    return {"latent": OmegaConf.to_container(cfg.latent, resolve=True), "codebook": cfg.codebook}
+
+
+def _fmt(value) -> str:
+    return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def latent_options(cfg) -> list[str]:
+    """What the run's latent was, as the overrides that give it from today's defaults: the keys of its composed
+    ``latent`` node (and ``codebook``) that differ from ``latent=<its name>`` composed now. A label that stays true
+    when the defaults change (a run made with an older default is labelled with the value it ran with)."""
+    name = str(cfg.latent.name)
+    if name == "none":
+        return []
+    default = _default_latent(name)
+    ran = OmegaConf.to_container(cfg.latent, resolve=True)
+    opts = [
+        f"latent.{k}={_fmt(v)}"
+        for k, v in ran.items()
+        if k not in ("_target_", "name", "codebook_size") and default["latent"].get(k) != v
+    ]
+    if name == "discrete" and cfg.codebook != default["codebook"]:
+        opts.append(f"codebook={cfg.codebook}")
+    return sorted(opts)
 
 
 def collect(root: str | Path) -> list[dict]:
