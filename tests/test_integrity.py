@@ -120,3 +120,41 @@ def test_the_report_lists_damaged_runs(tmp_path):
     assert "1 runs flagged (1 LPC runs" in text
     assert "`broken`: LM damaged: the prior's z changes plain text's NLL by +180.0%, greedy answers repeat 75%" in text
     assert "`ok`" not in text
+
+
+@pytest.mark.slow
+def test_a_trained_smollm2_lpc_run_keeps_its_answers(tmp_path):
+    """The run's own integrity report on the pretrained LM: after LPC-DPO steps at the defaults, plain text's NLL
+    with the prior's z is within 5% of the LM without z, the run is not flagged, and greedy answers to plain
+    questions are the base model's (the answers are written beside the reference's in analysis/integrity.json)."""
+    import json
+
+    from conftest import read_metrics, run_train
+
+    run_dir = tmp_path / "run"
+    run_train(
+        [
+            "model=smollm2",
+            "codebook=4",
+            "data.chat_template=true",
+            "data.n_train=16",
+            "data.n_eval=8",
+            "trainer.max_steps=4",
+            "trainer.batch_size=2",
+            "trainer.eval_batch_size=8",
+            "trainer.max_length=64",
+            "trainer.max_prompt_length=48",
+            "trainer.save_every=0",
+            "trainer.eval_every=0",
+        ],
+        run_dir,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    m = read_metrics(run_dir)
+    assert m["eval/lm/reference_is_lm"] == 1.0 and m["eval/lm/damaged"] == 0.0
+    assert abs(m["eval/lm/nll_ratio"] - 1.0) < integrity.NLL_TOLERANCE
+    assert m["eval/lm/text_nll/reference"] < 4.0  # SmolLM2 models the answers (2.5 nats/token; ln V = 10.8)
+    report = json.loads((run_dir / "analysis" / "integrity.json").read_text())
+    answers, base = report["texts"]["answers"], report["texts"]["reference_answers"]
+    assert answers[:3] == base[:3]
+    assert "Paris" in answers[0]

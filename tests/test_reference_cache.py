@@ -64,7 +64,8 @@ def test_precomputed_reference_gives_the_on_the_fly_losses(tmp_path):
 
     from lpc.run import preference_trainer
 
-    cfg, lm, tok, splits, _ = prepare(["latent=discrete", "codebook=4"], tmp_path)
+    # codes at the hidden state's norm: z moves the policy off the reference from step 0, so the margins are not 0
+    cfg, lm, tok, splits, _ = prepare(["latent=discrete", "codebook=4", "latent.codebook_init=hidden"], tmp_path)
 
     def trainer(ref, train, ev, sub):
         from lpc.policy import PreferenceModel

@@ -104,7 +104,15 @@ def test_evaluate_returns_the_pairs_and_the_diagnostics_only_when_asked(tmp_path
         "margin/z_posterior",
         "z_norm",
         "hidden_norm",
+        # the chosen responses' log-probs under each z and the reference, for the eval text's NLL (lm/chosen_nll)
+        "chosen_logps/z_prior",
+        "chosen_logps/z_zero",
+        "chosen_logps/z_shuffled",
+        "chosen_logps/z_posterior",
+        "chosen_logps/reference",
+        "chosen_tokens",
     }
+    assert diag["chosen_tokens"].tolist() == [float(len(r)) for r in t.eval_dataset["chosen_input_ids"]]
     torch.testing.assert_close(diag["z_norm"], lat.z.norm(dim=-1), rtol=1e-5, atol=1e-6)
     dpo = make_trainer([], tmp_path / "dpo")
     _, dpo_pairs = dpo.evaluate(return_pairs=True, diagnostics=True)  # no latent: no diagnostics
