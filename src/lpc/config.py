@@ -30,7 +30,8 @@ NON_FINGERPRINT_KEYS = (
     "eval",
     "hardware",
     "model.arch",
-)  # model.arch: shapes for lpc-plan, not read by training
+    "adapter.merged_export",
+)  # model.arch: shapes for lpc-plan, not read by training; adapter.merged_export: one more file at the end
 
 
 def _require(cond: bool, key: str, allowed: str, value) -> None:
@@ -130,6 +131,13 @@ def validate(cfg: DictConfig) -> None:
     if latent.name != "none":
         _validate_latent(latent)
 
+    import lpc.adapters as adapters
+
+    try:
+        adapters.check(cfg)  # QLoRA on CPU is refused here, before any model loads
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
     if cfg.get("eval") is not None and cfg.eval.get("tasks"):
         from lpc.evaluation.harness import check_eval_node
 
@@ -192,6 +200,8 @@ def fingerprint(cfg: DictConfig) -> str:
     """A hash of what determines a run's result, stored in its checkpoints so a run directory is never
     resumed under a different configuration."""
     plain = OmegaConf.to_container(cfg, resolve=True)
+    if (plain.get("adapter") or {}).get("name", "none") == "none":
+        plain.pop("adapter", None)  # no adapter: the fingerprint of runs from before the adapter group existed
     for dotted in NON_FINGERPRINT_KEYS:
         node, *rest = dotted.split(".")
         if not rest:

@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import lpc.adapters as adapters
 from lpc.config import fingerprint
 from lpc.files import atomic_write_json
 from lpc.policy import PreferenceModel
@@ -126,7 +127,13 @@ def master_weights(cfg: DictConfig) -> dict:
     accelerate's bf16/fp16 autocast computes in 16 bits but leaves the parameters, their gradients and
     AdamW's moments in the dtype they were loaded in. A model loaded in 16 bits (the hub models' model.dtype)
     would then train in pure bf16, where updates of about lr x weight fall below bf16's resolution and are
-    lost. DeepSpeed ZeRO-3 and FSDP keep fp32 master copies themselves; DDP and one process do not."""
+    lost. DeepSpeed ZeRO-3 and FSDP keep fp32 master copies themselves; DDP and one process do not.
+    An adapter run (``adapter=lora|qlora``) keeps the base as loaded (it does not train; the adapter is float32)
+    and QLoRA's loader gets its 4-bit ``quantization_config`` (lpc.adapters.load_kwargs)."""
+    from lpc.adapters import adapter_name, load_kwargs
+
+    if adapter_name(cfg) != "none":  # an adapter run: the base is frozen (no master weights), QLoRA's in 4 bits
+        return load_kwargs(cfg)
     mixed = cfg.trainer.precision in ("bf16", "fp16")
     if mixed and cfg.distributed.name in ("none", "ddp") and cfg.model.get("dtype") in ("bfloat16", "float16"):
         log.info(
@@ -169,9 +176,10 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracke
     algo = instantiate(cfg.algo)
     lm, tokenizer = load_model(cfg)
     precompute = algo.needs_reference and cfg.trainer.get("reference_logps", "on_the_fly") == "precompute"
+    adapter = adapters.adapter_name(cfg) != "none"
     # The reference is the frozen initial model, never conditioned on z; with precomputed
-    # reference log-probs no second model is built at all.
-    ref = copy.deepcopy(lm) if algo.needs_reference and not precompute else None
+    # reference log-probs no second model is built at all, nor with an adapter (the base with the adapter off).
+    ref = copy.deepcopy(lm) if algo.needs_reference and not precompute and not adapter else None
     latent = None
     if cfg.latent.get("_target_"):
         latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size)
@@ -181,7 +189,15 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, accelerator=None, tracke
         lm.to(accelerator.device)
         train_ds, eval_ds, info = with_reference_logps(cfg, lm, train_ds, eval_ds, accelerator, tokenizer)
         data_stats.update(info)
+    if adapter:  # after the precompute: the reference cache is the base model's, shared with full fine-tuning
+        adapters.add_adapter(lm, cfg.adapter)
     model = PreferenceModel(lm, latent)
+    if adapter:
+        in_lm, _ = adapters.parameter_counts(lm)
+        trainable, total = adapters.parameter_counts(model)
+        log.info("adapter=%s: %s of %s parameters train (%.2f%%): the adapter's %s and the latent's %s",
+                 cfg.adapter.name, f"{trainable:,}", f"{total:,}", 100 * trainable / total, f"{in_lm:,}",
+                 f"{trainable - in_lm:,}")  # fmt: skip
     trainer = preference_trainer(cfg, model, ref, tokenizer, train_ds, eval_ds, run_dir, accelerator, tracker)
     return trainer, tokenizer, data_stats
 

@@ -30,7 +30,7 @@ def runs_of(path: str | Path) -> list[Path]:
     from lpc.training import rundir
 
     path = Path(path)
-    own = ("config.json", rundir.FINAL, ".hydra", rundir.METRICS)
+    own = ("config.json", "adapter_config.json", rundir.FINAL, ".hydra", rundir.METRICS)
     if any((path / name).exists() for name in own):
         return [path]
     runs = [d for d in rundir.run_dirs(path) if rundir.status(d) == "completed"]

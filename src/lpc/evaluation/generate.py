@@ -233,11 +233,14 @@ def check_checkpoint(path: Path, opts: dict) -> None:
     """Checks against the checkpoint's small config files, before its weights load."""
     from omegaconf import OmegaConf
 
-    from lpc.training.checkpoint import LATENT_CONFIG
+    from lpc.training.checkpoint import LATENT_CONFIG, is_checkpoint
 
     final = path / "final" if (path / "final").is_dir() else path
-    if not (final / "config.json").exists():
-        raise GenerateError(f"{path} is not a checkpoint (no config.json): pass a run directory or its final/ folder")
+    if not is_checkpoint(final):
+        raise GenerateError(
+            f"{path} is not a checkpoint (no config.json or adapter_config.json): pass a run directory or its "
+            "final/ folder"
+        )
     latent_cfg = OmegaConf.load(final / LATENT_CONFIG) if (final / LATENT_CONFIG).exists() else None
     name = latent_cfg.get("name") if latent_cfg is not None else "none"
     if opts["code"] is not None:

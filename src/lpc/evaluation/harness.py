@@ -270,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 "tasks: give at least one task, e.g. tasks=local (= " + ",".join(TASK_ALIASES["local"]) + ")"
             )
+        from lpc.training.checkpoint import is_checkpoint
+
         for checkpoint in runs:
-            if not run_dir_of(checkpoint)[1].joinpath("config.json").exists():
+            if not is_checkpoint(run_dir_of(checkpoint)[1]):
                 raise ConfigError(
                     f"CHECKPOINT={checkpoint}: not a run directory, a checkpoint or a sweep with completed runs "
-                    "(no config.json)"
+                    "(no config.json or adapter_config.json)"
                 )
         require_lm_eval()
     except (ConfigError, MissingExtra) as err:

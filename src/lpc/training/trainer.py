@@ -29,6 +29,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import lpc.adapters as adapters
 from lpc.data import PairCollator
 from lpc.errors import ConfigError, DataError, Interrupted
 from lpc.files import apply_umask, atomic_write_json
@@ -111,6 +112,11 @@ class PreferenceTrainer:
                 deepspeed.zero.register_external_parameter(model, p)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
+        # adapter=lora|qlora: the reference is the policy with its adapters off, and a checkpoint holds what trains
+        # (the adapter and the latent), not the frozen base (lpc.adapters)
+        self.adapter = adapters.has_adapter(model.lm)
+        if self.adapter:
+            acc.register_save_state_pre_hook(adapters.trainable_state_only)
         self.ref_model = None
         if algo.needs_reference and ref_model is not None:  # None: precomputed (batch["ref_logps"])
             # Replicated on every process, frozen, never wrapped (DDP would sync nothing; prepare_model
@@ -168,6 +174,10 @@ class PreferenceTrainer:
     def _reference_logps(self, batch):
         if "ref_logps" in batch:  # precomputed once per sweep (lpc.training.reference)
             return batch["ref_logps"], batch["response_mask"][:, 1:].sum(1)
+        if self.ref_model is None and self.adapter and self.algo.needs_reference:
+            lm = self.accelerator.unwrap_model(self.model).lm  # the base model: the policy with its adapters off
+            with torch.no_grad(), self.accelerator.autocast(), adapters.adapters_disabled(lm):
+                return response_logps(lm, hidden_states(lm, batch), batch)
         if self.ref_model is None:
             return None
         with torch.no_grad(), self.accelerator.autocast():
@@ -362,7 +372,8 @@ class PreferenceTrainer:
                         f"use a new run directory (hydra.run.dir=...) or trainer.resume=false to start over"
                     )
                 try:
-                    self.accelerator.load_state(str(ckpt))
+                    # an adapter run's checkpoint lacks the frozen base (adapters.trainable_state_only): not strict
+                    self.accelerator.load_state(str(ckpt), **({"strict": False} if self.adapter else {}))
                 except Exception as err:  # noqa: BLE001 - a file that passed the size check but cannot be read
                     problem = f"it does not load: {type(err).__name__}: {str(err)[:200]}"
             if problem is not None:
