@@ -66,7 +66,7 @@ def target_modules(node) -> list[str]:
 def check(cfg) -> None:
     """``ValueError`` naming the key, its value and what is allowed, for an adapter config that cannot train here.
     Runs before any model loads (lpc.config.validate turns it into a ConfigError: exit 2). QLoRA is refused where
-    torch sees no CUDA GPU or the hardware is CPU, and where bitsandbytes is missing."""
+    torch sees no CUDA GPU and where bitsandbytes is missing."""
     import importlib.util
 
     node = cfg.get("adapter")
@@ -109,16 +109,11 @@ def check(cfg) -> None:
         require(node.get("compute_dtype") in COMPUTE_DTYPES, "compute_dtype", ", ".join(COMPUTE_DTYPES))
         import torch
 
-        hardware = cfg.get("hardware") or {}
-        if str(hardware.get("device", "cuda")).lower() == "cpu" or not torch.cuda.is_available():
-            where = (
-                f"hardware={hardware.get('name')} is CPU"
-                if str(hardware.get("device", "cuda")).lower() == "cpu"
-                else "torch sees no CUDA GPU (torch.cuda.is_available() is False)"
-            )
+        if not torch.cuda.is_available():  # the machine, not hardware.device: one process uses its GPU either way
             raise ValueError(
-                f"adapter=qlora is not allowed here: QLoRA loads the frozen base in 4 bits with bitsandbytes, which "
-                f"needs a CUDA GPU, and {where}; use adapter=lora on CPU (lpc-plan plans qlora anywhere)"
+                "adapter=qlora is not allowed here: QLoRA loads the frozen base in 4 bits with bitsandbytes, which "
+                "needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False); use adapter=lora on CPU "
+                "(lpc-plan plans qlora anywhere)"
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("adapter=qlora needs bitsandbytes: pip install -e '.[qlora]' (a CUDA machine)")

@@ -189,6 +189,8 @@ def misfit_message(p, refused: bool = True) -> str:
 
     fix = f"add {p.suggestion}" if p.suggestion else "see what does not shard in the table"
     anyway = ", or trainer.allow_misfit=true to train anyway" if refused else ""
+    if p.alternative:  # lpc-plan's fit on the GPUs the job has, an adapter=lora included
+        anyway += f"; on the GPUs the job has: add {p.alternative}"
     return (
         f"model={p.model} does not fit {p.hardware} with distributed={p.distributed}: peak {p.peak / 2**30:.1f} GiB "
         f"of {p.budget / 2**30:.1f} GiB usable per GPU (lpc-plan's estimate); what would fit: {fix}{anyway}\n"

@@ -23,6 +23,10 @@ Per GPU it adds up (every formula and its source: docs/planning.md):
   without checkpointing (the ``5 a s / h`` attention-score term only for ``attn_implementation=eager``;
   SDPA/FlashAttention keep no s x s matrix); ``2 s b h`` per layer with full checkpointing plus one
   layer's full activations while it is recomputed. Scaled by 2 for fp32 activations (precision=no, fp32 model).
+* ``adapter=lora|qlora``: the frozen base in ``model.dtype`` (LoRA) or 4-bit NF4 (QLoRA: ~0.52 bytes per
+  parameter of the decoder's projections, the embeddings and norms in ``model.dtype``), plus 4 + 4 + 8 bytes per trainable
+  parameter (the float32 adapter and latent, their gradients, AdamW's two moments); no reference copy (the base with
+  the adapter off) and no sharding (one process or ddp).
 * the logits of the scored tokens (at most s per sequence): 8 bytes per (token, vocabulary entry), the
   fp32 logits plus one fp32 temporary of their shape (logsumexp's x - max in the forward, their gradient
   in the backward); at evaluation (no gradient) the same for ``2 x trainer.eval_batch_size`` sequences.
@@ -193,6 +197,28 @@ def latent_parameters(latent_cfg: Mapping, hidden_size: int) -> int:
     raise PlanError(f"latent._target_={target!r}: unknown latent module (DiscreteLatent or ContinuousLatent)")
 
 
+def adapter_parameters(arch: Arch, r: int, targets) -> int:
+    """Trainable parameters of a LoRA adapter of rank ``r`` on the named projections of every decoder layer:
+    ``r (d_in + d_out)`` per projection (peft's lora_A and lora_B, no bias)."""
+    from lpc.adapters import PROJECTIONS
+
+    h, kv, i = arch.hidden_size, arch.num_key_value_heads * arch.head_dim, arch.intermediate_size
+    return arch.num_hidden_layers * sum(r * sum(PROJECTIONS[t](h, kv, i)) for t in targets)
+
+
+def adapter_inputs(arch: Arch, targets) -> int:
+    """The summed input widths of the adapted projections of one layer (their adapters' activations scale with it)."""
+    from lpc.adapters import PROJECTIONS
+
+    h, kv, i = arch.hidden_size, arch.num_key_value_heads * arch.head_dim, arch.intermediate_size
+    return sum(PROJECTIONS[t](h, kv, i)[0] for t in targets)
+
+
+# bitsandbytes NF4 with double quantisation: 4 bits per weight, an 8-bit absmax per block of 64, and an fp32
+# constant per 256 blocks (Dettmers et al. 2023, "QLoRA", section 3); 4 bits + a 32-bit absmax per 64 without it.
+QLORA_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+
+
 # --------------------------------------------------------------------------- the plan
 @dataclass
 class Plan:
@@ -260,13 +286,22 @@ class Plan:
     checkpoints_on_disk: int  # at most at once: keep_checkpoints + the one being written
     disk_peak: float  # the most the run directory holds at once: checkpoints + final/
     bytes_per_param: list[int] = field(default_factory=list)  # weights, gradients, optimizer states
+    adapter: str = "none"  # none | lora | qlora
+    n_adapter_params: int = 0  # the LoRA adapter's trainable parameters
+    frozen_weights: float = 0.0  # bytes of the frozen base (adapter runs)
+    merged_bytes: float = 0.0  # final/merged/ (adapter.merged_export)
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestion: str | None = None  # the overrides to add so that it fits (None: fits, or nothing found)
     suggested: Plan | None = None  # the plan with the suggestion applied
+    # on the GPUs the job has (no more GPUs or nodes), where that differs from the suggestion: adapter=lora, ...
+    alternative: str | None = None
+    alternative_plan: Plan | None = None
 
     @property
     def n_trainable(self) -> int:
+        if self.adapter != "none":  # the base is frozen
+            return self.n_adapter_params + self.n_latent_params
         return self.n_params + self.n_latent_params
 
     @property
@@ -294,7 +329,9 @@ class Plan:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("suggested")
+        out.pop("alternative_plan")
         out["suggested"] = self.suggested.to_dict() if self.suggested else None
+        out["alternative_plan"] = self.alternative_plan.to_dict() if self.alternative_plan else None
         out.update(n_trainable=self.n_trainable, activations=self.activations, states=self.states, flops=self.flops)
         return out
 
@@ -337,6 +374,18 @@ class _Setup:
     keep_checkpoints: int = 2
     save_every: int = 0
     auto_note: str | None = None  # distributed=auto: what the planner chose, and why
+    adapter: str = "none"  # none | lora | qlora
+    adapter_r: int = 0
+    adapter_targets: tuple[str, ...] = ()
+    adapter_dropout: float = 0.0
+    double_quant: bool = True  # qlora
+    merged_export: bool = False
+    on_cpu: bool = False  # hardware.device: cpu (QLoRA is refused there)
+    quantizable: bool = False  # the model's loader goes through from_pretrained (QLoRA can load it in 4 bits)
+
+    @property
+    def n_adapter(self) -> int:
+        return adapter_parameters(self.arch, self.adapter_r, self.adapter_targets) if self.adapter != "none" else 0
 
     @property
     def world(self) -> int:
@@ -408,7 +457,18 @@ def _setup(
         if key not in hardware:
             raise PlanError(f"hardware.{key} is missing (conf/hardware/*.yaml)")
     peak_bf16 = _number(hardware["peak_tflops_bf16"], "hardware.peak_tflops_bf16")
+    adapter = _adapter_fields(cfg.get("adapter") or {"name": "none"})
+    if adapter["adapter"] != "none" and distributed in SHARDED:
+        raise PlanError(
+            f"adapter={adapter['adapter']} is not allowed with distributed={distributed}: an adapter trains on one "
+            "process or under ddp (distributed=none, ddp or auto)"
+        )
+    from lpc.adapters import QUANTIZABLE_LOADERS
+
     return _Setup(
+        **adapter,
+        on_cpu=str(hardware.get("device", "cuda")).lower() == "cpu",
+        quantizable=str(model.get("_target_", "")) in QUANTIZABLE_LOADERS,
         model=str(model.get("name", "?")),
         algo=str(algo.get("name", "?")),
         latent=str(latent.get("name", "none")),
@@ -445,6 +505,54 @@ def _setup(
     )
 
 
+def _adapter_fields(node: Mapping) -> dict:
+    """The ``_Setup`` fields of an ``adapter`` node (conf/adapter/*.yaml); a PlanError names a bad value."""
+    from lpc.adapters import ADAPTERS, ALL_LINEAR, PROJECTIONS, target_modules
+
+    name = str(node.get("name", "none"))
+    if name not in ADAPTERS:
+        raise PlanError(f"adapter.name={name!r} is not allowed: one of {', '.join(ADAPTERS)}")
+    if name == "none":
+        return {"adapter": "none"}
+    targets = node.get("target_modules")
+    if not (targets == ALL_LINEAR or (targets and not isinstance(targets, str) and set(targets) <= set(PROJECTIONS))):
+        raise PlanError(
+            f"adapter.target_modules={targets!r} is not allowed: {ALL_LINEAR}, or a list of {', '.join(PROJECTIONS)}"
+        )
+    dropout = node.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise PlanError(f"adapter.dropout={dropout!r} is not allowed: a number in [0, 1)")
+    return {
+        "adapter": name,
+        "adapter_r": _int(node.get("r"), "adapter.r"),
+        "adapter_targets": tuple(target_modules(node)),
+        "adapter_dropout": float(dropout),
+        "double_quant": bool(node.get("double_quant", True)),
+        "merged_export": bool(node.get("merged_export", False)),
+    }
+
+
+def default_adapter(name: str, conf_dir: str | Path | None = None) -> dict:
+    """conf/adapter/NAME.yaml as a plain dict (qlora's on top of lora's, as its defaults list composes it)."""
+    root = Path(conf_dir or find_conf_dir()) / "adapter"
+    node = OmegaConf.to_container(OmegaConf.load(root / "lora.yaml"), resolve=True)
+    if name != "lora":
+        own = OmegaConf.to_container(OmegaConf.load(root / f"{name}.yaml"), resolve=True)
+        own.pop("defaults", None)
+        node.update(own)
+    return node
+
+
+def _frozen_base_bytes(s: _Setup) -> float:
+    """An adapter run's frozen base: LoRA's in ``model.dtype``; QLoRA's decoder projections in 4 bits (NF4), its
+    embeddings, LM head and norms in ``model.dtype`` (bitsandbytes quantises the decoder's Linear layers only)."""
+    a = s.arch
+    if s.adapter == "lora":
+        return DTYPE_BYTES[s.dtype] * a.num_parameters
+    linear = a.num_hidden_layers * (a.layer_parameters - 2 * a.hidden_size)
+    return QLORA_BYTES[s.double_quant] * linear + DTYPE_BYTES[s.dtype] * (a.num_parameters - linear)
+
+
 def _memory(s: _Setup) -> dict:
     """Bytes per GPU of one training step and one eval step: the ``Plan``'s memory fields."""
     a, world = s.arch, s.world
@@ -461,10 +569,19 @@ def _memory(s: _Setup) -> dict:
     n = a.num_parameters
     per_gpu = (n + s.n_latent) / (world if s.distributed in SHARDED else 1)
     m = {"weights": w * per_gpu, "gradients": g * per_gpu, "optimizer": o * per_gpu, "host_offload_per_node": 0.0}
+    m["frozen_weights"] = 0.0
+    if s.adapter != "none":  # the frozen base + the float32 adapter and latent with their gradients and moments
+        w, g, o = 4, 4, 8
+        trainable = s.n_adapter + s.n_latent
+        m["frozen_weights"] = _frozen_base_bytes(s)
+        m.update(weights=m["frozen_weights"] + w * trainable, gradients=g * trainable, optimizer=o * trainable)
+        if s.adapter == "qlora":
+            compute_bytes = 2
     if s.offload_optimizer:  # fp32 states + fp32 grads of every GPU of a node, in its host RAM
         m.update(optimizer=0.0, host_offload_per_node=(o + 4) * per_gpu * min(s.gpus_per_node, world))
     ref_bytes = w if mixed and s.distributed not in SHARDED else dtype_bytes  # a copy of the loaded policy
-    m["reference_weights"] = ref_bytes * n if s.reference_on_the_fly else 0.0  # replicated, never sharded
+    on_the_fly = s.reference_on_the_fly and s.adapter == "none"  # an adapter's reference is its base: no copy
+    m["reference_weights"] = ref_bytes * n if on_the_fly else 0.0  # replicated, never sharded
     m["gathered"] = 0.0
     if s.distributed in SHARDED:  # the embedding/head unit and the current + prefetched decoder layer
         units = (2 - a.tie_word_embeddings) * a.embedding_parameters + 2 * a.layer_parameters
@@ -474,6 +591,12 @@ def _memory(s: _Setup) -> dict:
     scale = compute_bytes / 2
     scores = 5 * a.num_attention_heads * sq / h if s.attention_scores_stored else 0.0
     per_layer = sq * b * h * (34 + scores) * scale
+    if s.adapter != "none":
+        # each adapted projection's input again, as its adapter's matmul keeps it (a 16-bit copy under autocast or
+        # after dropout) plus dropout's 1-byte mask, and the rank-r output lora_B keeps
+        per_element = (compute_bytes if mixed or s.adapter_dropout > 0 else 0) + (1 if s.adapter_dropout > 0 else 0)
+        inputs = adapter_inputs(a, s.adapter_targets)
+        per_layer += sq * b * (inputs * per_element + len(s.adapter_targets) * s.adapter_r * compute_bytes)
     m["activations_no_checkpointing"] = L * per_layer
     m["activations_checkpointing"] = L * 2 * sq * b * h * scale + per_layer
     # the scored tokens' logits (at most sq per sequence): fp32 + one fp32 temporary of the same shape
@@ -508,6 +631,8 @@ def _compute(s: _Setup) -> dict:
     tokens = steps * global_batch * 2 * s.seq_len
     c = {"global_batch": global_batch, "steps": steps, "pairs_seen": steps * global_batch, "tokens": tokens}
     c["flops_policy"] = 6.0 * (n + s.n_latent) * tokens
+    if s.adapter != "none":  # the frozen base: forward and the input gradients, no weight gradients
+        c["flops_policy"] = (4.0 * n + 6.0 * (s.n_adapter + s.n_latent)) * tokens
     c["flops_reference"] = 2.0 * n * tokens if s.reference_on_the_fly else 0.0
     once = s.needs_reference and not s.reference_on_the_fly
     c["flops_precompute"] = 2.0 * n * s.pairs * 2 * s.seq_len if once else 0.0
@@ -533,6 +658,14 @@ def _disk(s: _Setup, steps: int) -> dict:
     written = (steps - 1) // s.save_every + 1 if s.save_every > 0 else 1  # the last step always saves
     on_disk = min(written, s.keep_checkpoints + 1)
     checkpoint, final = per_checkpoint * n, per_final * n
+    merged = 0.0
+    if s.adapter != "none":  # the float32 adapter and latent (+ AdamW's moments); the frozen base is not saved
+        per_checkpoint, per_final = 12, 4
+        trainable = s.n_adapter + s.n_latent
+        checkpoint, final = per_checkpoint * trainable, per_final * trainable
+        if s.merged_export:  # final/merged/: the base (reloaded in model.dtype, unquantised) with the adapter in it
+            merged = DTYPE_BYTES[s.dtype] * s.arch.num_parameters + 4 * s.n_latent
+            final += merged
     return {
         "checkpoint_bytes": checkpoint,
         "final_bytes": final,
@@ -542,6 +675,7 @@ def _disk(s: _Setup, steps: int) -> dict:
         "checkpoints_written": written,
         "checkpoints_on_disk": on_disk,
         "disk_peak": max(on_disk * checkpoint, min(written, s.keep_checkpoints) * checkpoint + final),
+        "merged_bytes": merged,
     }
 
 
@@ -559,10 +693,28 @@ def _notes(s: _Setup, memory: dict) -> list[str]:
             "the on-the-fly reference model is replicated, not sharded, on every GPU "
             "(trainer.reference_logps=precompute removes it)"
         )
-    if DTYPE_BYTES[s.dtype] == 2 and s.distributed in ("none", "ddp") and s.precision in ("bf16", "fp16"):
+    if (
+        DTYPE_BYTES[s.dtype] == 2
+        and s.distributed in ("none", "ddp")
+        and s.precision in ("bf16", "fp16")
+        and s.adapter == "none"
+    ):
         notes.append(
             f"model.dtype={s.dtype} with distributed={s.distributed}: the trainer loads the weights in float32 "
             "(fp32 master weights for mixed precision, lpc.run.master_weights), as counted here"
+        )
+    if s.adapter != "none":
+        base = "4-bit NF4 (bitsandbytes)" if s.adapter == "qlora" else s.dtype
+        notes.append(
+            f"adapter={s.adapter}: the frozen base in {base}, no fp32 master copy (it does not train); the adapter "
+            f"(r={s.adapter_r}, {len(s.adapter_targets)} projections per layer) and the latent train in float32; "
+            "the reference is the base with the adapter off (no second copy)"
+        )
+    if s.adapter == "qlora" and s.on_cpu:
+        notes.append("adapter=qlora needs a CUDA GPU and bitsandbytes: lpc-train refuses it on this CPU hardware")
+    if s.adapter == "qlora" and not s.quantizable:
+        notes.append(
+            f"adapter=qlora: model={s.model} is built from a config, not loaded in 4 bits: lpc-train refuses it"
         )
     if s.offload_optimizer:
         notes.append(
@@ -574,7 +726,8 @@ def _notes(s: _Setup, memory: dict) -> list[str]:
 # Plan fields copied from the setup as they are (the others are computed, or renamed below).
 _COPIED = (
     "model algo latent distributed precision hardware gpu_memory_gb gpus_per_node nodes world seq_len batch_pairs "
-    "eval_batch_pairs gradient_checkpointing attention_scores_stored offload_optimizer headroom pairs pairs_source mfu"
+    "eval_batch_pairs gradient_checkpointing attention_scores_stored offload_optimizer headroom pairs pairs_source mfu "
+    "adapter"
 ).split()
 
 
@@ -593,6 +746,7 @@ def _estimate(s: _Setup) -> Plan:
         model_dtype=s.dtype,
         n_params=s.arch.num_parameters,
         n_latent_params=s.n_latent,
+        n_adapter_params=s.n_adapter,
         reference=reference,
         **memory,
         **compute,
@@ -605,11 +759,13 @@ def _estimate(s: _Setup) -> Plan:
 
 # --------------------------------------------------------------------------- what would fit
 # Tried in this order; a combination of fewer changes always wins over one of more. Within a change that has
-# a size (GPUs, nodes, micro-batch) the smallest one that fits wins. "adapter" is the hook for adapter=lora
-# (issue 24's LoRA items): it fits fewer trainable parameters; until the adapter group exists it never applies.
+# a size (GPUs, nodes, micro-batch) the smallest one that fits wins. "adapter" (adapter=lora, then adapter=qlora on
+# GPUs) comes last: it changes what trains (an adapter, not the whole model), so it is the suggestion only where
+# nothing else fits; the plan's ``alternative`` gives it where the suggestion needs more GPUs than the job has.
 STEPS = ("precompute", "checkpointing", "zero3", "gpus", "nodes", "micro_batch", "offload", "adapter")
 # The order in which a combination's changes are applied: a change of size is searched on top of the others
 # (more GPUs or nodes shrink only sharded states, so ZeRO-3 and the offload come first).
+ON_THE_GPUS_GIVEN = ("precompute", "checkpointing", "micro_batch", "adapter")  # what the alternative may change
 APPLY_ORDER = ("precompute", "checkpointing", "zero3", "offload", "adapter", "micro_batch", "gpus", "nodes")
 
 
@@ -656,6 +812,8 @@ def _variants(s: _Setup, step: str) -> list[tuple[_Setup, list[str]]]:
         if s.gradient_checkpointing:
             return []
         return [(dataclasses.replace(s, gradient_checkpointing=True), ["trainer.gradient_checkpointing=true"])]
+    if step in ("zero3", "gpus", "nodes", "offload") and s.adapter != "none":
+        return []  # an adapter run is not sharded (lpc.adapters.check)
     if step == "zero3":
         if s.distributed in SHARDED or s.gpus_per_node * s.nodes < 2:
             return []
@@ -679,7 +837,19 @@ def _variants(s: _Setup, step: str) -> list[tuple[_Setup, list[str]]]:
         extra = [] if s.distributed == "zero3" else ["distributed=zero3"]
         return [(dataclasses.replace(s, distributed="zero3", offload_optimizer=True), extra + [OFFLOAD_OVERRIDE])]
     if step == "adapter":
-        return []  # adapter=lora: [(s with the adapter's trainable parameters, ["adapter=lora"])] once it exists
+        if s.adapter != "none":
+            return []
+        out = []
+        for name in ("lora", "qlora"):
+            if name == "qlora" and (s.on_cpu or not s.quantizable):
+                continue  # refused there (lpc.adapters.check)
+            cur = dataclasses.replace(s, **_adapter_fields(default_adapter(name)))
+            added = [f"adapter={name}"]
+            if s.distributed in SHARDED:  # an adapter is not sharded: ddp on the same GPUs
+                cur = dataclasses.replace(cur, distributed="ddp" if s.world > 1 else "none")
+                added.append(f"distributed={cur.distributed}")
+            out.append((cur, added))
+        return out
     raise ValueError(step)
 
 
@@ -694,7 +864,7 @@ def _fits(s: _Setup) -> Plan | None:
 def _search(s: _Setup, steps: list[str], added: list[str]) -> tuple[str, Plan] | None:
     if not steps:
         p = _fits(s)
-        return (" ".join(added), p) if p is not None else None
+        return (" ".join(_last_wins(added)), p) if p is not None else None
     for cur, extra in _variants(s, steps[0]):
         found = _search(cur, steps[1:], added + extra)
         if found is not None:
@@ -702,11 +872,17 @@ def _search(s: _Setup, steps: list[str], added: list[str]) -> tuple[str, Plan] |
     return None
 
 
-def suggest(s: _Setup) -> tuple[str, Plan] | None:
-    """The smallest change (fewest steps of STEPS, earlier steps first; within a step, its smallest size)
+def _last_wins(overrides: list[str]) -> list[str]:
+    """One override per key, the last given (a later step may change what an earlier one set: adapter's ddp)."""
+    keys = [o.split("=", 1)[0] for o in overrides]
+    return [o for i, o in enumerate(overrides) if keys[i] not in keys[i + 1 :]]
+
+
+def suggest(s: _Setup, steps: tuple[str, ...] = STEPS) -> tuple[str, Plan] | None:
+    """The smallest change (fewest of ``steps``, earlier steps first; within a step, its smallest size)
     after which the job fits: ``(overrides to add, the plan with them)``, or None."""
-    for size in range(1, len(STEPS) + 1):
-        for combo in itertools.combinations(STEPS, size):
+    for size in range(1, len(steps) + 1):
+        for combo in itertools.combinations(steps, size):
             found = _search(s, sorted(combo, key=APPLY_ORDER.index), [])
             if found is not None:
                 return found
@@ -721,6 +897,9 @@ def choose_distributed(s: _Setup) -> _Setup:
     world = s.gpus_per_node * s.nodes
     if world == 1:
         return dataclasses.replace(s, distributed="none", auto_note="distributed=auto: one process -> none")
+    if s.adapter != "none":
+        note = f"distributed=auto: adapter={s.adapter} is not sharded -> ddp over {world} processes"
+        return dataclasses.replace(s, distributed="ddp", auto_note=note)
     ddp = dataclasses.replace(s, distributed="ddp")
     try:
         p = _estimate(ddp)
@@ -758,6 +937,11 @@ def plan(
         found = suggest(s)
         if found is not None:
             p.suggestion, p.suggested = found
+        if s.adapter == "none" and (found is None or found[1].world > p.world or found[1].nodes > p.nodes):
+            # the suggestion needs more GPUs than the job has: what would fit on these, an adapter included
+            alternative = suggest(s, ON_THE_GPUS_GIVEN)
+            if alternative is not None:
+                p.alternative, p.alternative_plan = alternative
     return p
 
 
@@ -774,34 +958,55 @@ def _hours(x: float) -> str:
     return f"{x:,.1f}" if x >= 1 else f"{x:.3g}"
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
 def format_plan(p: Plan) -> str:
     shard = f" / {p.world} GPUs" if p.distributed in SHARDED else ""
     bw, bg, bo = p.bytes_per_param
     lat = f" + latent {p.n_latent_params:,}" if p.n_latent_params else ""
     ref = {
-        "on_the_fly": f"on the fly ({p.model_dtype}, replicated)",
+        "on_the_fly": "the base with the adapter off (no copy)"
+        if p.adapter != "none"
+        else f"on the fly ({p.model_dtype}, replicated)",
         "precompute": "precomputed log-probs",
         "none": f"none ({p.algo})",
     }[p.reference]
     gpus = f"{p.world} GPU{'s' if p.world > 1 else ''}"
+    adapter = ""
+    if p.adapter != "none":
+        share = p.n_trainable / (p.n_params + p.n_adapter_params + p.n_latent_params)
+        adapter = f"; adapter={p.adapter}: {p.n_adapter_params:,} parameters ({share:.2%} of all, the latent's included, train)"
     lines = [
         f"lpc-plan: {' '.join(p.overrides) or '(defaults)'}",
         f"  model {p.model}: {p.n_params:,} parameters{lat}; algo={p.algo} latent={p.latent} "
-        f"precision={p.precision} (model.dtype={p.model_dtype}) distributed={p.distributed}",
+        f"precision={p.precision} (model.dtype={p.model_dtype}) distributed={p.distributed}{adapter}",
         f"  hardware {p.hardware}: {p.nodes} x {p.gpus_per_node} GPUs of {p.gpu_memory_gb:g} GiB; this job uses {gpus}",
         f"  micro-batch {p.batch_pairs} pairs = {2 * p.batch_pairs} sequences x {p.seq_len} tokens; "
         f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
         "Memory per GPU (estimate):",
-        f"  weights                      {_g(p.weights)}   {bw} B/param{shard}",
-        f"  gradients                    {_g(p.gradients)}   {bg} B/param{shard}",
-        f"  optimizer states (AdamW)     {_g(p.optimizer)}   "
-        + (
-            "offloaded to CPU"
-            if p.offload_optimizer
-            else f"{bo} B/param{' (fp32 master + 2 moments)' if bo == 12 else ' (2 moments)'}{shard}"
-        ),
-        f"  reference model              {_g(p.reference_weights)}   {ref}",
     ]
+    if p.adapter != "none":
+        base = f"4-bit NF4 projections, the rest {p.model_dtype}" if p.adapter == "qlora" else f"{p.model_dtype}"
+        lines += [
+            f"  weights                      {_g(p.weights)}   frozen base {p.frozen_weights / GiB:.2f} GiB ({base}) "
+            f"+ {bw} B/param of the adapter and latent",
+            f"  gradients                    {_g(p.gradients)}   {bg} B/param of the adapter and latent",
+            f"  optimizer states (AdamW)     {_g(p.optimizer)}   {bo} B/param (2 fp32 moments) of the adapter and latent",
+        ]
+    else:
+        lines += [
+            f"  weights                      {_g(p.weights)}   {bw} B/param{shard}",
+            f"  gradients                    {_g(p.gradients)}   {bg} B/param{shard}",
+            f"  optimizer states (AdamW)     {_g(p.optimizer)}   "
+            + (
+                "offloaded to CPU"
+                if p.offload_optimizer
+                else f"{bo} B/param{' (fp32 master + 2 moments)' if bo == 12 else ' (2 moments)'}{shard}"
+            ),
+        ]
+    lines += [f"  reference model              {_g(p.reference_weights)}   {ref}"]
     if p.gathered:
         lines.append(
             f"  gathered parameters          {_g(p.gathered)}   {p.distributed}: embedding/head unit + 2 layers"
@@ -817,7 +1022,7 @@ def format_plan(p: Plan) -> str:
         "Compute per run (upper bound: every sequence padded to max_length):",
         f"  {p.pairs:,} pairs ({p.pairs_source}) -> {p.steps:,} steps x {p.global_batch} pairs = {p.pairs_seen:,} pairs seen, "
         f"{p.tokens:.3g} tokens",
-        f"  FLOPs: policy 6NT {p.flops_policy:.3g}"
+        f"  FLOPs: policy {'4NT + 6 N_trainable T' if p.adapter != 'none' else '6NT'} {p.flops_policy:.3g}"
         + (f" + reference 2NT {p.flops_reference:.3g}" if p.flops_reference else "")
         + (f" + reference precompute {p.flops_precompute:.3g} (once, cached)" if p.flops_precompute else "")
         + f" = {p.flops:.3g}",
@@ -825,6 +1030,10 @@ def format_plan(p: Plan) -> str:
         f"= {_hours(p.wall_hours)} h on {gpus}",
     ]
     what = "fp32 master weights + 2 moments (DeepSpeed)" if p.distributed == "zero3" else "weights + AdamW's 2 moments"
+    if p.adapter != "none":
+        what = "the adapter and latent + AdamW's 2 moments (not the frozen base)"
+    merged = f" + merged/ {_gb(p.merged_bytes).strip()}" if p.merged_bytes else ""
+    per = "trainable param" if p.adapter != "none" else "param"
     at_once = p.checkpoints_on_disk * p.checkpoint_bytes
     kept = min(p.checkpoints_written, p.keep_checkpoints)
     peak_what = (
@@ -834,8 +1043,8 @@ def format_plan(p: Plan) -> str:
     )
     lines += [
         "Disk in the run directory (estimate; GB = 10^9 bytes):",
-        f"  checkpoint                   {_gb(p.checkpoint_bytes)}   {p.checkpoint_bytes_per_param} B/param: {what}",
-        f"  final/                       {_gb(p.final_bytes)}   {p.final_bytes_per_param} B/param",
+        f"  checkpoint                   {_gb(p.checkpoint_bytes)}   {p.checkpoint_bytes_per_param} B/{per}: {what}",
+        f"  final/                       {_gb(p.final_bytes)}   {p.final_bytes_per_param} B/{per}{merged}",
         f"  = peak                       {_gb(p.disk_peak)}   {peak_what} "
         f"({p.checkpoints_written} written, trainer.keep_checkpoints={p.keep_checkpoints})",
     ]
@@ -855,8 +1064,20 @@ def format_plan(p: Plan) -> str:
         else:
             lines.append(
                 "  nothing in (precompute the reference, gradient checkpointing, ZeRO-3, up to "
-                f"{MAX_NODES} nodes, CPU optimizer offload) fits: what does not shard (activations, logits, "
-                "the reference) needs a smaller trainer.max_length, batch_size or eval_batch_size, or bigger GPUs"
+                f"{MAX_NODES} nodes, smaller micro-batches, CPU optimizer offload, LoRA, QLoRA) fits: what does not "
+                "shard (activations, logits, the reference) needs a smaller trainer.max_length, or bigger GPUs"
+            )
+        if p.alternative:
+            q = p.alternative_plan
+            lines.append(f"  on the {_plural(p.world, 'GPU')} this job has: add  {p.alternative}")
+            lines.append(
+                f"  -> peak {q.peak / GiB:.1f} GiB of {q.budget / GiB:.1f} GiB on {q.world} GPU(s), "
+                f"{_hours(q.gpu_hours)} GPU-hours ({_hours(q.wall_hours)} h)"
+                + (
+                    " (adapter: trains a LoRA adapter and the latent, not the whole model)"
+                    if q.adapter != "none"
+                    else ""
+                )
             )
     return "\n".join(line.rstrip() for line in lines)
 
