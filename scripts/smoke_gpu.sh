@@ -6,19 +6,24 @@
 #   3. 8 GPUs:   Llama-3-8B (model=llama3_8b) under ZeRO-3 on the synthetic pairs (not its default UltraFeedback, whose
 #                reference scoring of ~61k pairs would dwarf a smoke test), 20 steps; it downloads meta-llama/Meta-Llama-3-8B (a
 #                gated repository: `huggingface-cli login` first) unless SMOKE_LLAMA_ARGS=model.name_or_path=<local copy>
+#   4. one GPU:  QLoRA (adapter=qlora: SmolLM2's base in 4 bits with bitsandbytes, a LoRA adapter and the latent train),
+#                bf16, 20 steps; skipped, saying so, where bitsandbytes is not installed (pip install -e '.[qlora]').
+#                SMOKE_QLORA_ARGS="model=llama3_8b data=synthetic" runs it on Llama-3-8B instead (the one-GPU case)
 # Where torch sees no CUDA device it prints "no CUDA: skipping ..." and exits 0.
 #
-# Settings (environment): SMOKE_STEPS ("1 2 3") which steps; SMOKE_GPUS (8) the processes of steps 2 and 3 (a
+# Settings (environment): SMOKE_STEPS ("1 2 3 4") which steps; SMOKE_GPUS (8) the processes of steps 2 and 3 (a
 # machine with fewer GPUs skips them, saying so, unless SMOKE_GPUS is lowered); SMOKE_DIR the output directory;
-# SMOKE_ARGS extra overrides for every step; SMOKE_LLAMA_ARGS extra overrides for step 3; PY the Python.
+# SMOKE_ARGS extra overrides for every step; SMOKE_LLAMA_ARGS extra overrides for step 3; SMOKE_QLORA_ARGS for step 4;
+# PY the Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-STEPS=${SMOKE_STEPS:-1 2 3}
+STEPS=${SMOKE_STEPS:-1 2 3 4}
 GPUS=${SMOKE_GPUS:-8}
 OUT=${SMOKE_DIR:-outputs/smoke-gpu/$(date +%Y-%m-%d_%H-%M-%S)}
 read -r -a EXTRA <<< "${SMOKE_ARGS:-}"
 read -r -a LLAMA_EXTRA <<< "${SMOKE_LLAMA_ARGS:-}"
+read -r -a QLORA_EXTRA <<< "${SMOKE_QLORA_ARGS:-}"
 
 ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
 if [ "$ngpu" -eq 0 ]; then
@@ -32,7 +37,7 @@ echo "smoke-gpu: $ngpu GPU(s) ($("$PY" -c 'import torch; print(torch.cuda.get_de
 import importlib.metadata as md, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
 print("GPUs:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
-for pkg in ("accelerate", "transformers", "deepspeed", "flash-attn"):
+for pkg in ("accelerate", "transformers", "deepspeed", "flash-attn", "peft", "bitsandbytes"):
     try:
         print(pkg, md.version(pkg))
     except md.PackageNotFoundError:
@@ -65,7 +70,9 @@ stop_monitor() {
   fi
 }
 
-# run NAME EXPECTED_PROCESSES COMMAND...: the command's output goes to $OUT/NAME.log; then metrics.json is checked
+# run NAME EXPECTED_PROCESSES COMMAND...: the command's output goes to $OUT/NAME.log; then metrics.json is checked.
+# FINAL=adapter (set for the call): final/ must hold an adapter (adapter_config.json, adapter_model.safetensors), and the
+# log the adapter's share of the parameters that train; else a full model (config.json, model.safetensors).
 run() {
   local name=$1 procs=$2
   shift 2
@@ -86,11 +93,11 @@ run() {
     failed+=("$name")
     return 0
   fi
-  if "$PY" - "$dir" "$procs" <<'EOF'; then passed+=("$name"); else failed+=("$name"); fi
-import json, math, sys
+  if "$PY" - "$dir" "$procs" "${FINAL:-model}" "$log" <<'EOF'; then passed+=("$name"); else failed+=("$name"); fi
+import json, math, re, sys
 from pathlib import Path
 
-run, procs = Path(sys.argv[1]), int(sys.argv[2])
+run, procs, final, log_file = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 m = json.loads((run / "metrics.json").read_text())
 log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 first = next(r for r in log if "loss" in r)
@@ -124,7 +131,14 @@ if m.get("eval/lm/damaged"):
         f"eval/lm/damaged: plain-text NLL ratio {m.get('eval/lm/nll_ratio')} (at most 1.05), greedy answers' "
         f"repeat rate {m.get('eval/lm/repeat_rate')} (reference {m.get('eval/lm/repeat_rate/reference')})"
     )
-for f in ("final/config.json", "final/model.safetensors", "final/latent.safetensors", "checkpoints/step-20"):
+files = ["final/config.json", "final/model.safetensors"]
+if final == "adapter":
+    files = ["final/adapter_config.json", "final/adapter_model.safetensors"]
+    share = re.search(r"adapter=\w+: ([\d,]+) of ([\d,]+) parameters train \(([\d.]+)%\)", log_file.read_text())
+    print(f"  trainable: {share.group(0) if share else 'no adapter line in the log'}")
+    if share is None or float(share.group(3)) >= 5:
+        problems.append("the log does not say that under 5% of the parameters train (adapter=...: N of M parameters train)")
+for f in files + ["final/latent.safetensors", "checkpoints/step-20"]:
     if not any(run.glob(f + "*")):
         problems.append(f"no {f}")
 for p in problems:
@@ -149,7 +163,17 @@ for step in $STEPS; do
          trainer.precision=bf16 "${COMMON[@]}" "${EXTRA[@]}" ;;
     3) need_gpus 3-llama3_8b-zero3 && run 3-llama3_8b-zero3 "$GPUS" env HF_HUB_OFFLINE=0 "${LAUNCH[@]}" \
          src/train.py distributed=zero3 model=llama3_8b data=synthetic "${COMMON[@]}" "${EXTRA[@]}" "${LLAMA_EXTRA[@]}" ;;
-    *) echo "SMOKE_STEPS: no step $step (1, 2 or 3)"; exit 2 ;;
+    4) if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("bitsandbytes") is None)'; then
+         echo
+         echo "== 4-qlora-1gpu: bitsandbytes is not installed: SKIPPED (pip install -e '.[qlora]' runs it)"
+         skipped+=("4-qlora-1gpu")
+       else
+         offline=1; [ ${#QLORA_EXTRA[@]} -gt 0 ] && offline=0  # SMOKE_QLORA_ARGS may name a hub model to download
+         FINAL=adapter run 4-qlora-1gpu 1 env HF_HUB_OFFLINE=$offline "$PY" src/train.py \
+           model=smollm2 adapter=qlora distributed=none hardware.gpus_per_node=1 trainer.precision=bf16 \
+           "${COMMON[@]}" "${EXTRA[@]}" "${QLORA_EXTRA[@]}"
+       fi ;;
+    *) echo "SMOKE_STEPS: no step $step (1, 2, 3 or 4)"; exit 2 ;;
   esac
 done
 
