@@ -14,6 +14,8 @@ the geometric mean over rounds of A / B within a round, with the 95% t interval 
 those methods of the built trainer with timers: the code measured is the code that trains. Each process also
 records the CPU it ran on (``cpu_model``, /proc/cpuinfo's "model name") and the kernels torch ran
 (``cpu_capability``: AVX512, AVX2 or DEFAULT, which ``ATEN_CPU_CAPABILITY`` can lower), and the report names them.
+On SmolLM2 a LoRA run (``adapter=lora``: the frozen base, its reference the base with the adapter off) is compared with
+full fine-tuning (``smollm2/dpo``): step time and peak memory, each a ratio over the rounds with its interval.
 """
 
 from __future__ import annotations
@@ -60,7 +62,17 @@ def configs(models: list[str]) -> dict[str, dict]:
         }
         out[f"{m}/dpo-precomputed"] = {"kind": "ours", "overrides": base + ["trainer.reference_logps=precompute"]}
         out[f"{m}/trl-dpo"] = {"kind": "trl", "overrides": base + ["trainer.reference_logps=on_the_fly"]}
+        if m in LORA_MODELS:  # against {m}/dpo: the same run with a LoRA adapter on the frozen LM (issue 24)
+            out[f"{m}/lora-dpo"] = {
+                "kind": "ours",
+                "overrides": base + ["trainer.reference_logps=on_the_fly", "adapter=lora"],
+            }
     return out
+
+
+LORA_MODELS = ("smollm2",)
+# (label, the per-round measurement): LoRA / full fine-tuning, each with its interval over the rounds
+LORA_MEASURES = [("step time", "step_s"), ("peak memory (RSS)", "peak_rss_mb")]
 
 
 def cpu_model() -> str:
@@ -159,6 +171,7 @@ def time_ours(cfg, steps: int, warmup: int, tmp: Path) -> dict:
         "setup_s": setup_s,
         "rss_growth_mb": rss_mb() - rss0,
         "params": sum(p.numel() for p in trainer.model.lm.parameters()),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "latent_params": sum(p.numel() for p in latent.parameters()) if latent is not None else 0,
     }
 
@@ -338,7 +351,7 @@ def summarize(results: dict[str, list[dict]], models: list[str]) -> dict:
             table[name] = {"error": runs[-1].get("error", "no run")}
             continue
         row = {"rounds": len(ok), **{k: statistics.median(r[k] for r in ok) for k in ("step_s", "peak_rss_mb")}}
-        row.update({k: ok[0].get(k) for k in ("params", "latent_params", "trl_version", "setup_s")})
+        row.update({k: ok[0].get(k) for k in ("params", "latent_params", "trl_version", "setup_s", "trainable_params")})
         row.update({k: ok[0][k] for k in ("cpu_model", "cpu_capability") if k in ok[0]})
         if "tokens_per_s" in ok[0]:
             row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
@@ -356,7 +369,18 @@ def summarize(results: dict[str, list[dict]], models: list[str]) -> dict:
                 {"model": m, "ratio": label, "value": point, "low": low, "high": high, "rounds": len(pairs),
                  "target": target, "verdict": verdict(low, high, target)}
             )  # fmt: skip
-    return {"table": table, "ratios": ratios}
+    lora = []  # LoRA against full fine-tuning, per measurement
+    for m in models:
+        a, b = results.get(f"{m}/lora-dpo", []), results.get(f"{m}/dpo", [])
+        paired = [(x, y) for x, y in zip(a, b) if "error" not in x and "error" not in y]
+        for label, key in LORA_MEASURES if paired else []:
+            point, low, high = ratio_interval([x[key] for x, _ in paired], [y[key] for _, y in paired])
+            lora.append(
+                {"model": m, "measure": label, "lora": statistics.median(x[key] for x, _ in paired), "full":
+                 statistics.median(y[key] for _, y in paired), "value": point, "low": low, "high": high,
+                 "rounds": len(paired)}
+            )  # fmt: skip
+    return {"table": table, "ratios": ratios, "lora": lora}
 
 
 PAPER_MODELS = ("mistral7b", "llama3_8b")
@@ -482,6 +506,37 @@ def comparison(previous: dict | None, ratios: list[dict], models: list[str]) -> 
     return lines
 
 
+def lora_section(rows: list[dict], table: dict) -> list[str]:
+    """LoRA (adapter=lora) against full fine-tuning of the same model: medians over rounds and the ratio's interval."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## LoRA against full fine-tuning (LoRA / full, with 95% intervals)",
+        "",
+        "`adapter=lora` (r 16 on the seven projections, the frozen base, the reference the base with the adapter off) "
+        "against `dpo` (every weight trains, the reference a frozen copy), both with the reference on the fly. Peak "
+        "memory is the process's peak RSS, imports included.",
+        "",
+        "| model | measure | LoRA | full | LoRA / full | 95% interval | rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for q in rows:
+        unit = (lambda v: f"{v:.4f} s") if q["measure"] == "step time" else (lambda v: f"{v:,.0f} MB")
+        lines.append(
+            f"| {q['model']} | {q['measure']} | {unit(q['lora'])} | {unit(q['full'])} | {q['value']:.3f} | "
+            f"[{q['low']:.3f}, {q['high']:.3f}] | {q['rounds']} |"
+        )
+    for m in sorted({q["model"] for q in rows}):
+        lora, full = table.get(f"{m}/lora-dpo", {}), table.get(f"{m}/dpo", {})
+        if lora.get("trainable_params") and full.get("trainable_params"):
+            lines.append(
+                f"\n{m}: {lora['trainable_params']:,} parameters train with LoRA (the adapter; no latent here), "
+                f"{full['trainable_params']:,} in full fine-tuning."
+            )
+    return lines
+
+
 def write_report(
     summary: dict, out: Path, command: str, models, rounds, steps, warmup, threads=1, previous=None
 ) -> None:
@@ -539,6 +594,7 @@ def write_report(
             f"| {q['model']} | {q['ratio']} | {q['value']:.3f} | [{q['low']:.3f}, {q['high']:.3f}] | {q['rounds']} | "
             f"<= {q['target']} | {q['verdict']} |"
         )
+    lines += lora_section(summary.get("lora") or [], table)
     for m in models:
         dpo, lpc = table.get(f"{m}/dpo", {}), table.get(f"{m}/lpc-dpo", {})
         if "phases_s" not in dpo or "phases_s" not in lpc:
