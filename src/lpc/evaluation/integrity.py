@@ -9,7 +9,9 @@ pairs' chosen responses:
 * per-token NLL of the answers under the prior's z, under each code (up to ``max_codes``), with z = 0,
   and under the reference model (the initial LM, measured before the first step);
 * a degeneration measure of greedy answers to the questions: the rate of repeated 3-grams, against the
-  reference's answers to the same questions;
+  reference's answers to the same questions; and their coherence: the per-token NLL of the answers given with
+  the prior's z under the same LM without z (``lm/answer_nll``), beside that of the reference's answers
+  (``lm/answer_nll/reference``), and the fraction of answers equal to the reference's;
 * ``lm/damaged``: 1.0 when the prior's z raises the plain-text NLL by more than :data:`NLL_TOLERANCE`
   (5%) over the same LM with z = 0, or the greedy answers repeat 3-grams :data:`REPEAT_TOLERANCE` (0.2)
   more often than the reference's. ``lpc-report`` lists flagged runs. It is left out (``lm/reference_is_lm``
@@ -111,6 +113,23 @@ class LMProbe:
         return out
 
     @torch.no_grad()
+    def answers_nll(self, lm, answers: list[list[int]]) -> float:
+        """Per-token NLL of greedy answers (to the first questions) under ``lm`` without z: how plausible an
+        answer is to the LM the latent sits on. Empty answers are left out."""
+        rows = [
+            {"prompt_input_ids": r["prompt_input_ids"], "chosen_input_ids": a, "rejected_input_ids": a}
+            for r, a in zip(self.rows, answers)
+            if a
+        ]
+        if not rows:
+            return float("nan")
+        device = next(lm.parameters()).device
+        full = PairCollator(self.pad_id)(rows)
+        batch = {k: v[: len(rows)].to(device) for k, v in full.items()}
+        sums, counts = response_logps(lm, hidden_states(lm, batch), batch)
+        return float(-sums.sum() / counts.sum())
+
+    @torch.no_grad()
     def greedy(self, lm, latent=None) -> list[list[int]]:
         """Greedy answers (new tokens) to the first :data:`GENERATE` questions, z from the prior."""
         device = next(lm.parameters()).device
@@ -152,6 +171,11 @@ class LMProbe:
                 zs[f"code_{k}"] = latent.code_vector(k).detach()
             nll = self.nll(lm, zs, latent)
             answers = self.greedy(lm, latent) if generate else None
+            ref_answers = (reference or {}).get("answers")
+            # the same LM without z reads the latent's answers and the reference's: coherence beside the NLL
+            coherence = None
+            if answers is not None and latent is not None and ref_answers is not None:
+                coherence = (self.answers_nll(lm, answers), self.answers_nll(lm, ref_answers))
         finally:
             lm.train(was_training)
         m = {"lm/text_nll/zero": nll["zero"]}
@@ -170,6 +194,9 @@ class LMProbe:
             is_lm = reference["nll"] < LM_NLL_FRACTION * math.log(lm.config.vocab_size)
             m["lm/reference_is_lm"] = float(is_lm)
         damaged = m.get("lm/nll_ratio", 1.0) > 1.0 + NLL_TOLERANCE
+        if coherence is not None:
+            m["lm/answer_nll"], m["lm/answer_nll/reference"] = coherence
+            m["lm/answers_equal_reference"] = sum(a == b for a, b in zip(answers, ref_answers)) / len(answers)
         if answers is not None:
             m["lm/repeat_rate"] = sum(map(repeat_rate, answers)) / len(answers)
             if reference is not None and reference.get("answers") is not None:
