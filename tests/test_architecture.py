@@ -21,6 +21,7 @@ LAYERS = {
     "lpc.offline": 0,
     "lpc.progress": 0,
     "lpc.conf": 0,
+    "lpc.environment": 0,
     "lpc.losses": 1,
     "lpc.latent": 1,
     "lpc.policy": 1,
