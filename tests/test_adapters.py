@@ -87,7 +87,10 @@ def test_lora_dpo_loss_and_gradients_equal_a_hand_built_peft_model(model, tmp_pa
     for name, p in mine.items():
         other = theirs["base_model.model." + name]
         assert p.grad is not None and other.grad is not None, name
-        torch.testing.assert_close(p.grad, other.grad, rtol=1e-4, atol=1e-7, msg=name)
+        # per tensor, relative to its norm: both sum the same fp32 terms in another order (the LM head on the scored
+        # positions only here, on every position there); measured 1.1e-6 on the tiny model, 1.6e-5 on SmolLM2
+        error = (p.grad - other.grad).norm() / other.grad.norm().clamp_min(1e-30)
+        assert error < 1e-4, (name, error.item())
     assert any(p.grad.abs().max() > 0 for n, p in mine.items() if ".lora_A." in n)
 
 
