@@ -21,6 +21,8 @@ pairs' chosen responses:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import torch
@@ -28,6 +30,8 @@ import torch
 from lpc.data import PairCollator, encode_prompt
 from lpc.evaluation.inference import left_pad, prompt_prior_z
 from lpc.policy import conditioned_on, hidden_states, response_logps
+
+log = logging.getLogger(__name__)
 
 NLL_TOLERANCE = 0.05  # the prior's z may raise plain text's NLL by at most 5% over z = 0
 REPEAT_TOLERANCE = 0.2  # ... and the repeated-3-gram rate of greedy answers by at most 0.2 over the reference's
@@ -245,11 +249,25 @@ def lm_integrity(trainer, out_dir, probe: LMProbe, reference: dict | None, pairs
     """The trainer's end-of-training hook: ``eval/lm/*`` metrics; the answers into ``out_dir/integrity.json``."""
     from pathlib import Path
 
+    from accelerate.utils import DistributedType
+
     from lpc.files import atomic_write_json
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     latent = model.latent
-    report = probe.measure(model.lm, latent, reference, codes_to_probe(pairs, latent, probe.max_codes), generate)
+    kind = trainer.accelerator.distributed_type
+    gathered = contextlib.nullcontext()
+    if latent is not None and kind == DistributedType.DEEPSPEED:
+        # ZeRO-3 partitions the codes; the LM's own forward gathers its layers, the codes are read here directly
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(latent.parameters()), modifier_rank=None)
+    elif latent is not None and kind == DistributedType.FSDP:
+        log.warning("FSDP: the LM-integrity probe measures the LM without z (the latent's parameters are sharded)")
+        latent = None
+    with gathered:
+        codes = codes_to_probe(pairs, latent, probe.max_codes)
+        report = probe.measure(model.lm, latent, reference, codes, generate)
     metrics = {f"eval/{k}": v for k, v in {**report["metrics"], **eval_text_nll(pairs)}.items()}
     if trainer.accelerator.is_main_process and out_dir is not None:
         atomic_write_json(Path(out_dir) / "integrity.json", {**report, "metrics": metrics})
