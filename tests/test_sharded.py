@@ -140,7 +140,8 @@ def test_zero3_two_processes_equal_ddp(runs):
     for a, b in zip(log_ddp[:3], log_z3[:3]):
         for key in ("loss", "grad_norm", "rewards/margins", "latent/kl", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    for key in ("eval/loss", "eval/margin", "eval/pref_accuracy", "eval/rewards/chosen"):
+    # ... the LM-integrity probe's too, whose codes ZeRO-3 gathers for it
+    for key in ("eval/loss", "eval/margin", "eval/pref_accuracy", "eval/rewards/chosen", "eval/lm/text_nll/prior"):
         assert m_z3[key] == pytest.approx(m_ddp[key], rel=1e-4, abs=1e-6), key
     assert abs(log_z3[1]["loss"] - log_z3[0]["loss"]) > 1e-4  # the steps changed the model: not two frozen inits
 
