@@ -50,8 +50,9 @@ mutation: install
 docs-check: install
 	$(PY) scripts/docs_check.py $(ARGS)
 
-# Step time / peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed reference, LoRA vs full
-# fine-tuning on SmolLM2 (benchmarks/speed.py); writes docs/benchmarks.md. TRL is installed only here (the bench extra).
+# Step time / peak memory: DPO vs LPC, ours vs TRL's DPOTrainer, on-the-fly vs precomputed reference (benchmarks/speed.py);
+# writes docs/benchmarks.md. TRL is installed only here (the bench extra). BENCH_ARGS="... --lora" adds LoRA against
+# full fine-tuning on SmolLM2 (not yet in the recorded docs/benchmarks.md).
 BENCH_ARGS ?= --rounds 4 --steps 5 --warmup 1 --models tiny,smollm2 --json docs/assets/speed/rounds.json
 bench: install
 	$(PIP) install -q -c constraints-cpu.txt -e '.[bench]'
