@@ -115,7 +115,7 @@ def rehearsal(request, tmp_path_factory):
         # later tasks of the array are pending, and scancel signals again on each retry.)
         sh("scancel", "--signal=USR2", f"{job}.0")
         wait_for(lambda: job_state(job) == "PENDING", 60, f"job {job} to be requeued", main)
-        sh("scontrol", "update", f"jobid={job}", "StartTime=now")
+        sh("scontrol", "update", f"jobid={job}", "StartTime=now+2")  # not "now": see test_slurm
         # The same configuration uninterrupted, in a sweep of its own (its job queues behind the first sweep's).
         uninterrupted = root / "uninterrupted"
         procs.append(

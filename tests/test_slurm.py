@@ -131,9 +131,11 @@ def preempted_sweep(slurm_cluster, tmp_path_factory):
         wait_for(lambda: log0.exists() and log0.read_text().strip(), 150, "job 0 to start training", sweep)
         job0 = wait_for(lambda: [p.name for p in (sweep_dir / ".submitit").glob("*_0")], 10, "job 0's id")[0]
         sh("scancel", "--signal=USR2", job0)  # what SLURM sends signal_delay_s before the end
-        # submitit requeued it; SLURM holds a requeued job for 121 s (BeginTime): start it at once.
+        # submitit requeued it; SLURM holds a requeued job for 121 s (BeginTime): start it 2 s from now.
+        # Not "now": slurmd refuses a job whose credential was revoked (by the requeue) in the same whole
+        # second ("Job N already killed, do not launch batch job") and the job ends FAILED.
         wait_for(lambda: job_state(job0) == "PENDING", 60, f"job {job0} to be requeued", sweep)
-        sh("scontrol", "update", f"jobid={job0}", "StartTime=now")
+        sh("scontrol", "update", f"jobid={job0}", "StartTime=now+2")
         # The uninterrupted reference, while the requeued job restarts.
         ref_dir = root / "reference"
         run_train(RUN_ARGS + ["seed=0"], ref_dir, env=JOB_ENV)
