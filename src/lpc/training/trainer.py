@@ -22,12 +22,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 import lpc.adapters as adapters
 from lpc.data import PairCollator
@@ -43,7 +45,20 @@ from lpc.training.preemption import PreemptionGuard, StopGuard
 log = logging.getLogger(__name__)
 
 
+class _Session(NamedTuple):
+    """What ``train`` knows of this process's session: the final metrics report it."""
+
+    resumed: bool  # started from a checkpoint
+    start_step: int
+    start_time: float
+    interactive: bool  # a live progress bar (a terminal), not log lines
+
+
 class PreferenceTrainer:
+    """A preference-optimisation run on one process group, recipe-style: the constructor calls the ``setup_*``
+    steps (batches, optimizer and model, reference) and ``train`` runs the phases (session start, the step loop,
+    the final evaluation). Each piece reads on its own, and a test can drive one (``train_step``, ``evaluate``)."""
+
     def __init__(
         self,
         *,
@@ -70,12 +85,25 @@ class PreferenceTrainer:
         self.fingerprint = fingerprint
         self.tracker = tracker
         self.accelerator = accelerator or build_accelerator(trainer_cfg, run_dir, "wandb" if tracker else None)
-        acc = self.accelerator
-
-        c = trainer_cfg
-        self.world = acc.num_processes
         self._running: dict[str, list] = {}  # per-micro-batch metrics since the last log line
-        self._log_lines: int | None = None  # the train log's length in the checkpoint resumed from
+        self._log_lines = 0  # the train log's length in the checkpoint resumed from (0: a fresh log)
+        self.setup_batches()
+        self.setup_model_and_optimizer(model, optimizer_factory)
+        self.setup_reference(ref_model)
+        self.step = 0
+        self.skipped_steps = 0  # updates dropped by trainer.on_nonfinite=skip_step (this session)
+        # Called as hook(trainer, pairs) -> dict after the final evaluation (pairs: its per-pair outputs),
+        # while a W&B run is still open; their metrics join the final ones (lpc.evaluation.analysis.final_analysis).
+        self.final_hooks: list = []
+        # Called as hook(trainer) after every optimizer step, once its logging and checkpointing are done
+        # (fault injection in the tests, custom monitors); ``trainer.step`` is the step just finished.
+        self.step_hooks: list = []
+
+    # ------------------------------------------------------------------ setup
+    def setup_batches(self) -> None:
+        """The global batch, the steps per epoch and the run's length, from the processes that joined."""
+        c = self.cfg
+        self.world = self.accelerator.num_processes
         self.global_batch = c.batch_size * c.gradient_accumulation_steps * self.world
         if c.get("global_batch_size") is not None and self.global_batch != c.global_batch_size:
             # the accumulation was derived for another process count than the one that joined
@@ -83,19 +111,21 @@ class PreferenceTrainer:
                 f"trainer.global_batch_size={c.global_batch_size} but batch_size {c.batch_size} x accumulation "
                 f"{c.gradient_accumulation_steps} x {self.world} processes = {self.global_batch}"
             )
-        self.steps_per_epoch = len(train_dataset) // self.global_batch
+        self.steps_per_epoch = len(self.train_dataset) // self.global_batch
         if self.steps_per_epoch < 1:
             raise DataError(
-                f"the training set has {len(train_dataset)} pairs, fewer than one global batch "
+                f"the training set has {len(self.train_dataset)} pairs, fewer than one global batch "
                 f"({self.global_batch} = batch_size x gradient_accumulation_steps x processes)"
             )
         self.total_steps = c.max_steps if c.max_steps > 0 else c.epochs * self.steps_per_epoch
 
+    def setup_model_and_optimizer(self, model: PreferenceModel, optimizer_factory) -> None:
+        """The optimizer over ``param_groups``, its schedule, and the model and optimizer wrapped by accelerate
+        (DDP, FSDP or DeepSpeed); the schedule and, for an adapter, the trainable-only state join checkpoints."""
+        c, acc = self.cfg, self.accelerator
         if c.gradient_checkpointing:
             model.lm.gradient_checkpointing_enable()
         optimizer = optimizer_factory(params=self.param_groups(model, c.lr))
-        from transformers import get_scheduler
-
         warmup = c.warmup_steps if c.warmup_steps >= 0 else math.ceil(c.warmup_ratio * self.total_steps)
         # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
         self.scheduler = get_scheduler(
@@ -106,7 +136,7 @@ class PreferenceTrainer:
             # only through the tensors it returns; the latent returns a LatentOutput, so its codebook (z = probs @
             # codebook) would be released before backward needs it ("mat2 must be a matrix"). As external
             # parameters of the PreferenceModel (whose output is a NamedTuple) they stay gathered for both passes.
-            import deepspeed
+            import deepspeed  # an optional dependency (the zero3 extra): imported only by a DeepSpeed run
 
             for p in model.latent.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(model, p)
@@ -117,20 +147,15 @@ class PreferenceTrainer:
         self.adapter = adapters.has_adapter(model.lm)
         if self.adapter:
             acc.register_save_state_pre_hook(adapters.trainable_state_only)
+
+    def setup_reference(self, ref_model) -> None:
+        """The frozen reference model, when the algorithm needs one and its log-probs are not precomputed."""
         self.ref_model = None
-        if algo.needs_reference and ref_model is not None:  # None: precomputed (batch["ref_logps"])
+        if self.algo.needs_reference and ref_model is not None:  # None: precomputed (batch["ref_logps"])
             # Replicated on every process, frozen, never wrapped (DDP would sync nothing; prepare_model
             # would also add it to every checkpoint). Under FSDP/ZeRO-3 prefer precomputed log-probs.
             ref_model.requires_grad_(False).eval()
-            self.ref_model = ref_model.to(acc.device)
-        self.step = 0
-        self.skipped_steps = 0  # updates dropped by trainer.on_nonfinite=skip_step (this session)
-        # Called as hook(trainer, pairs) -> dict after the final evaluation (pairs: its per-pair outputs),
-        # while a W&B run is still open; their metrics join the final ones (lpc.evaluation.analysis.final_analysis).
-        self.final_hooks: list = []
-        # Called as hook(trainer) after every optimizer step, once its logging and checkpointing are done
-        # (fault injection in the tests, custom monitors); ``trainer.step`` is the step just finished.
-        self.step_hooks: list = []
+            self.ref_model = ref_model.to(self.accelerator.device)
 
     @staticmethod
     def param_groups(model: PreferenceModel, lr: float) -> list[dict]:
@@ -238,8 +263,7 @@ class PreferenceTrainer:
         says whether the latent changed anything (``lpc.evaluation.analysis.latent_diagnostics``)."""
         dataset = dataset if dataset is not None else self.eval_dataset
         self.model.eval()
-        # Evaluation must not move the training RNG (sampled z), or resumed runs would diverge. no_grad is a
-        # context, not a decorator, so that mutmut (make mutation) mutates this function: it skips decorated ones.
+        # Evaluation must not move the training RNG (sampled z), or resumed runs would diverge.
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             cr_all, rr_all, loss_sum, n, extra, z_prior = [], [], 0.0, 0, {}, []
             loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=self.collate)
@@ -366,7 +390,7 @@ class PreferenceTrainer:
             problem = rundir.checkpoint_problem(ckpt)
             if problem is None:
                 state = json.loads((ckpt / rundir.TRAINER_STATE).read_text())
-                if self.fingerprint and state.get("fingerprint") not in (None, self.fingerprint):
+                if self.fingerprint and state["fingerprint"] != self.fingerprint:
                     raise RuntimeError(
                         f"{self.run_dir} holds a checkpoint of a different configuration ({ckpt.name}); "
                         f"use a new run directory (hydra.run.dir=...) or trainer.resume=false to start over"
@@ -380,7 +404,7 @@ class PreferenceTrainer:
                 log.warning("checkpoint %s is broken (%s): falling back to the previous one", ckpt, problem)
                 continue
             self.step = state["step"]
-            self._log_lines = state.get("log_lines")
+            self._log_lines = state["log_lines"]
             running = ckpt / f"running_{self.accelerator.process_index}.json"
             if running.exists():
                 dev = self.accelerator.device
@@ -415,11 +439,7 @@ class PreferenceTrainer:
         """Drop what the log gained after the checkpoint we resume from (all of it when starting over)."""
         path = self.run_dir / rundir.TRAIN_LOG
         if self.accelerator.is_main_process and path.exists():
-            lines = path.read_text().splitlines()
-            if self._log_lines is not None:  # the log's length when the checkpoint was written
-                lines = lines[: self._log_lines]
-            else:  # a checkpoint from before log_lines was recorded
-                lines = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.step]
+            lines = path.read_text().splitlines()[: self._log_lines]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in lines))
             os.replace(tmp, path)
@@ -474,6 +494,32 @@ class PreferenceTrainer:
         log.warning("%s: skipped (trainer.on_nonfinite=skip_step)", msg)
 
     def train(self) -> dict:
+        """Train from the newest checkpoint (or step 0) to ``total_steps``, then evaluate; returns the final
+        metrics. SIGTERM or Ctrl-C checkpoints and raises ``Interrupted``; SLURM's warning checkpoints and
+        requeues."""
+        session = self.setup_session()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not session.interactive, desc="train")
+        self.model.train()
+        preemption = PreemptionGuard().install()  # SLURM's warning signal only sets a flag (lpc.training.preemption)
+        stop = StopGuard().install()  # SIGTERM / Ctrl-C: checkpoint at the end of the step, then stop
+        while self.step < self.total_steps:
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step trains at, for its log line
+            for k, v in self.train_step().items():
+                self._running.setdefault(k, []).extend(v)
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                self._log_progress(lr, bar, session.interactive)
+            self._after_step()
+            self._answer_signals(preemption, stop, bar)
+        stop.restore()
+        bar.close()
+        final = self.final_evaluation(session)
+        self.save_checkpoint()
+        preemption.release()  # signalled during the final evaluation: requeue now, the rerun resumes here
+        return final
+
+    def setup_session(self) -> _Session:
+        """Seed, resume, cut the train log back to the checkpoint and open the trackers."""
         acc, c = self.accelerator, self.cfg
         # Why device_specific (seed + process index): with one seed every rank drew the same latent samples (the
         # Gumbel noise of LPC, the continuous latent's eps) for its different pairs. Models and data order are
@@ -487,7 +533,13 @@ class PreferenceTrainer:
                 config=self.tracker.get("config"),
                 init_kwargs={"wandb": self.tracker["init_kwargs"]},
             )
-        start_time, start_step = time.time(), self.step
+        session = _Session(
+            resumed=resumed,
+            start_step=self.step,
+            start_time=time.time(),
+            # A live bar on a terminal; in a log file (SLURM, CI) one line per log step instead.
+            interactive=acc.is_main_process and sys.stderr.isatty(),
+        )
         if acc.is_main_process:
             log.info(
                 "global batch %d pairs = batch_size %d x accumulation %d x %d process(es); %d steps, %d per epoch",
@@ -498,87 +550,85 @@ class PreferenceTrainer:
                 self.total_steps,
                 self.steps_per_epoch,
             )
-        # A live bar on a terminal; in a log file (SLURM, CI) one line per log step instead.
-        interactive = acc.is_main_process and sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, desc="train")
-        self.model.train()
-        running = self._running
-        preemption = PreemptionGuard().install()  # SLURM's warning signal only sets a flag (lpc.training.preemption)
-        stop = StopGuard().install()  # SIGTERM / Ctrl-C: checkpoint at the end of the step, then stop
-        while self.step < self.total_steps:
-            lr = self.scheduler.get_last_lr()[0]
-            for k, v in self.train_step().items():
-                running.setdefault(k, []).extend(v)
-            bar.update(1)
-            if self.step % c.log_every == 0 or self.step == self.total_steps:
-                logged = {k: acc.reduce(torch.stack(v).float().mean(), "mean").item() for k, v in running.items()}
-                logged["learning_rate"] = lr
-                logged["epoch"] = self.step / self.steps_per_epoch
-                if self.skipped_steps:
-                    logged["skipped_nonfinite_steps"] = self.skipped_steps
-                running.clear()
-                self._log(logged)
-                nan = float("nan")
-                bar.set_postfix(
-                    loss=f"{logged.get('loss', nan):.4f}", acc=f"{logged.get('rewards/accuracies', nan):.2f}"
-                )
-                if not interactive and acc.is_main_process:
-                    log.info(
-                        "step %d/%d loss=%.4f rewards/accuracies=%.3f rewards/margins=%.3f lr=%.3g",
-                        self.step,
-                        self.total_steps,
-                        logged.get("loss", nan),
-                        logged.get("rewards/accuracies", nan),
-                        logged.get("rewards/margins", nan),
-                        lr,
-                    )
-            if c.eval_every > 0 and self.step % c.eval_every == 0 and self.step < self.total_steps:
-                ev = self.evaluate()
-                self._log(ev)
-                log.info(
-                    f"step {self.step}: eval/pref_accuracy={ev['eval/pref_accuracy']:.4f} "
-                    f"eval/margin={ev['eval/margin']:.4f}"
-                )
-            if c.save_every > 0 and self.step % c.save_every == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
-            for hook in self.step_hooks:
-                hook(self)
-            if preemption.requested(acc):
-                log.warning("preempted: checkpointing step %d, then requeueing", self.step)
-                self.save_checkpoint()
-                preemption.release()  # submitit requeues the job and exits; the requeued job resumes here
-            signum = stop.requested(acc)
-            if signum is not None and self.step < self.total_steps:
-                self.save_checkpoint()
-                stop.restore()
-                bar.close()
-                raise Interrupted(
-                    f"stopped by {signal.Signals(signum).name} at step {self.step} of {self.total_steps}; the "
-                    f"checkpoint is saved: rerun the same command to resume",
-                    signum,
-                )
-        stop.restore()
-        bar.close()
-        main = acc.is_main_process
+        return session
+
+    def _log_progress(self, lr: float, bar, interactive: bool) -> None:
+        """One train-log line: every metric averaged over the micro-batches since the last line and over the
+        processes; on the bar's postfix, or as a log line where no bar is shown."""
+        acc = self.accelerator
+        logged = {k: acc.reduce(torch.stack(v).float().mean(), "mean").item() for k, v in self._running.items()}
+        logged["learning_rate"] = lr
+        logged["epoch"] = self.step / self.steps_per_epoch
+        if self.skipped_steps:
+            logged["skipped_nonfinite_steps"] = self.skipped_steps
+        self._running.clear()
+        self._log(logged)
+        nan = float("nan")
+        bar.set_postfix(loss=f"{logged.get('loss', nan):.4f}", acc=f"{logged.get('rewards/accuracies', nan):.2f}")
+        if not interactive and acc.is_main_process:
+            log.info(
+                "step %d/%d loss=%.4f rewards/accuracies=%.3f rewards/margins=%.3f lr=%.3g",
+                self.step,
+                self.total_steps,
+                logged.get("loss", nan),
+                logged.get("rewards/accuracies", nan),
+                logged.get("rewards/margins", nan),
+                lr,
+            )
+
+    def _after_step(self) -> None:
+        """The periodic evaluation and checkpoint (the last step has its own), then the step hooks."""
+        c = self.cfg
+        if c.eval_every > 0 and self.step % c.eval_every == 0 and self.step < self.total_steps:
+            ev = self.evaluate()
+            self._log(ev)
+            log.info(
+                f"step {self.step}: eval/pref_accuracy={ev['eval/pref_accuracy']:.4f} "
+                f"eval/margin={ev['eval/margin']:.4f}"
+            )
+        if c.save_every > 0 and self.step % c.save_every == 0 and self.step < self.total_steps:
+            self.save_checkpoint()
+        for hook in self.step_hooks:
+            hook(self)
+
+    def _answer_signals(self, preemption: PreemptionGuard, stop: StopGuard, bar) -> None:
+        """Between two steps, where a checkpoint is whole: requeue on SLURM's warning, stop on SIGTERM/Ctrl-C.
+        Every rank asks (``requested`` agrees across them), so all of them checkpoint together."""
+        if preemption.requested(self.accelerator):
+            log.warning("preempted: checkpointing step %d, then requeueing", self.step)
+            self.save_checkpoint()
+            preemption.release()  # submitit requeues the job and exits; the requeued job resumes here
+        signum = stop.requested(self.accelerator)
+        if signum is not None and self.step < self.total_steps:
+            self.save_checkpoint()
+            stop.restore()
+            bar.close()
+            raise Interrupted(
+                f"stopped by {signal.Signals(signum).name} at step {self.step} of {self.total_steps}; the "
+                f"checkpoint is saved: rerun the same command to resume",
+                signum,
+            )
+
+    def final_evaluation(self, session: _Session) -> dict:
+        """The eval set with the latent's ablations, the run's train/ figures, and the final hooks' metrics."""
+        main = self.accelerator.is_main_process
         with phase(f"final evaluation ({len(self.eval_dataset)} pairs, with the latent's ablations)", log, main):
             final, pairs = self.evaluate(return_pairs=True, diagnostics=True)
-        if not (resumed and start_step == self.total_steps):  # resumed from the final checkpoint: logged already
+        if not (session.resumed and session.start_step == self.total_steps):  # resumed from the end: logged already
             self._log(final)
         final.update(
             {
                 "train/steps": self.step,
-                "train/steps_this_session": self.step - start_step,
-                "train/resumed": resumed,
+                "train/steps_this_session": self.step - session.start_step,
+                "train/resumed": session.resumed,
                 "train/num_processes": self.world,
                 "train/global_batch_size": self.global_batch,
                 "train/gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
                 "train/skipped_nonfinite_steps": self.skipped_steps,
-                "train/wall_time_s": time.time() - start_time,
+                "train/wall_time_s": time.time() - session.start_time,
             }
         )
         with phase("final analysis (per-type accuracy, code usage, NMI, embedding plot)", log, main):
             for hook in self.final_hooks:
                 final.update(hook(self, pairs))
-        self.save_checkpoint()
-        preemption.release()  # signalled during the final evaluation: requeue now, the rerun resumes here
         return final
