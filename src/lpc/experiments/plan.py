@@ -54,9 +54,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lpc.conf import codebook_implies_latent
+from lpc.adapters import ADAPTERS, ALL_LINEAR, PROJECTIONS, QUANTIZABLE_LOADERS, target_modules
+from lpc.conf import CONF_DIR, codebook_implies_latent
 from lpc.errors import ConfigError, PlanError, Unplannable
-from lpc.training.distributed import gradient_accumulation
+from lpc.training.distributed import ACCELERATE_CONFIGS, gradient_accumulation
 
 GiB = 2**30
 DEFAULT_PAIRS = 61_135  # HuggingFaceH4/ultrafeedback_binarized, split train_prefs
@@ -75,8 +76,6 @@ OFFLOAD_OVERRIDE = "distributed.accelerate_config=<a copy of zero3.yaml with off
 
 def find_conf_dir() -> Path:
     """The Hydra config tree (package data: ``lpc.conf``)."""
-    from lpc.conf import CONF_DIR
-
     return Path(CONF_DIR)
 
 
@@ -200,16 +199,12 @@ def latent_parameters(latent_cfg: Mapping, hidden_size: int) -> int:
 def adapter_parameters(arch: Arch, r: int, targets) -> int:
     """Trainable parameters of a LoRA adapter of rank ``r`` on the named projections of every decoder layer:
     ``r (d_in + d_out)`` per projection (peft's lora_A and lora_B, no bias)."""
-    from lpc.adapters import PROJECTIONS
-
     h, kv, i = arch.hidden_size, arch.num_key_value_heads * arch.head_dim, arch.intermediate_size
     return arch.num_hidden_layers * sum(r * sum(PROJECTIONS[t](h, kv, i)) for t in targets)
 
 
 def adapter_inputs(arch: Arch, targets) -> int:
     """The summed input widths of the adapted projections of one layer (their adapters' activations scale with it)."""
-    from lpc.adapters import PROJECTIONS
-
     h, kv, i = arch.hidden_size, arch.num_key_value_heads * arch.head_dim, arch.intermediate_size
     return sum(PROJECTIONS[t](h, kv, i)[0] for t in targets)
 
@@ -413,8 +408,6 @@ def _accelerate_offload(name: str | None) -> bool:
     ``name`` is a file or a name in the package's training/accelerate/."""
     if not name:
         return False
-    from lpc.training.distributed import ACCELERATE_CONFIGS
-
     candidates = [Path(name), Path(f"{name}.yaml"), ACCELERATE_CONFIGS / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
@@ -463,8 +456,6 @@ def _setup(
             f"adapter={adapter['adapter']} is not allowed with distributed={distributed}: an adapter trains on one "
             "process or under ddp (distributed=none, ddp or auto)"
         )
-    from lpc.adapters import QUANTIZABLE_LOADERS
-
     return _Setup(
         **adapter,
         on_cpu=str(hardware.get("device", "cuda")).lower() == "cpu",
@@ -507,8 +498,6 @@ def _setup(
 
 def _adapter_fields(node: Mapping) -> dict:
     """The ``_Setup`` fields of an ``adapter`` node (conf/adapter/*.yaml); a PlanError names a bad value."""
-    from lpc.adapters import ADAPTERS, ALL_LINEAR, PROJECTIONS, target_modules
-
     name = str(node.get("name", "none"))
     if name not in ADAPTERS:
         raise PlanError(f"adapter.name={name!r} is not allowed: one of {', '.join(ADAPTERS)}")
@@ -963,9 +952,55 @@ def _plural(n: int, what: str) -> str:
 
 
 def format_plan(p: Plan) -> str:
-    shard = f" / {p.world} GPUs" if p.distributed in SHARDED else ""
-    bw, bg, bo = p.bytes_per_param
+    """The plan as lpc-plan prints it: the job, memory per GPU, compute, disk, then the verdict."""
+    lines = _job_lines(p) + _memory_lines(p) + _compute_lines(p) + _disk_lines(p)
+    lines += [f"  note: {n}" for n in p.notes]
+    lines += _verdict_lines(p)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _gpus(p: Plan) -> str:
+    return f"{p.world} GPU{'s' if p.world > 1 else ''}"
+
+
+def _job_lines(p: Plan) -> list[str]:
     lat = f" + latent {p.n_latent_params:,}" if p.n_latent_params else ""
+    adapter = ""
+    if p.adapter != "none":
+        share = p.n_trainable / (p.n_params + p.n_adapter_params + p.n_latent_params)
+        adapter = f"; adapter={p.adapter}: {p.n_adapter_params:,} parameters ({share:.2%} of all, the latent's included, train)"
+    return [
+        f"lpc-plan: {' '.join(p.overrides) or '(defaults)'}",
+        f"  model {p.model}: {p.n_params:,} parameters{lat}; algo={p.algo} latent={p.latent} "
+        f"precision={p.precision} (model.dtype={p.model_dtype}) distributed={p.distributed}{adapter}",
+        f"  hardware {p.hardware}: {p.nodes} x {p.gpus_per_node} GPUs of {p.gpu_memory_gb:g} GiB; this job uses {_gpus(p)}",
+        f"  micro-batch {p.batch_pairs} pairs = {2 * p.batch_pairs} sequences x {p.seq_len} tokens; "
+        f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
+    ]
+
+
+def _state_lines(p: Plan) -> list[str]:
+    """Weights, gradients and optimizer states: of the adapter and latent only over a frozen base, or sharded."""
+    bw, bg, bo = p.bytes_per_param
+    if p.adapter != "none":
+        base = f"4-bit NF4 projections, the rest {p.model_dtype}" if p.adapter == "qlora" else f"{p.model_dtype}"
+        return [
+            f"  weights                      {_g(p.weights)}   frozen base {p.frozen_weights / GiB:.2f} GiB ({base}) "
+            f"+ {bw} B/param of the adapter and latent",
+            f"  gradients                    {_g(p.gradients)}   {bg} B/param of the adapter and latent",
+            f"  optimizer states (AdamW)     {_g(p.optimizer)}   {bo} B/param (2 fp32 moments) of the adapter and latent",
+        ]
+    shard = f" / {p.world} GPUs" if p.distributed in SHARDED else ""
+    moments = " (fp32 master + 2 moments)" if bo == 12 else " (2 moments)"
+    return [
+        f"  weights                      {_g(p.weights)}   {bw} B/param{shard}",
+        f"  gradients                    {_g(p.gradients)}   {bg} B/param{shard}",
+        f"  optimizer states (AdamW)     {_g(p.optimizer)}   "
+        + ("offloaded to CPU" if p.offload_optimizer else f"{bo} B/param{moments}{shard}"),
+    ]
+
+
+def _memory_lines(p: Plan) -> list[str]:
     ref = {
         "on_the_fly": "the base with the adapter off (no copy)"
         if p.adapter != "none"
@@ -973,52 +1008,25 @@ def format_plan(p: Plan) -> str:
         "precompute": "precomputed log-probs",
         "none": f"none ({p.algo})",
     }[p.reference]
-    gpus = f"{p.world} GPU{'s' if p.world > 1 else ''}"
-    adapter = ""
-    if p.adapter != "none":
-        share = p.n_trainable / (p.n_params + p.n_adapter_params + p.n_latent_params)
-        adapter = f"; adapter={p.adapter}: {p.n_adapter_params:,} parameters ({share:.2%} of all, the latent's included, train)"
-    lines = [
-        f"lpc-plan: {' '.join(p.overrides) or '(defaults)'}",
-        f"  model {p.model}: {p.n_params:,} parameters{lat}; algo={p.algo} latent={p.latent} "
-        f"precision={p.precision} (model.dtype={p.model_dtype}) distributed={p.distributed}{adapter}",
-        f"  hardware {p.hardware}: {p.nodes} x {p.gpus_per_node} GPUs of {p.gpu_memory_gb:g} GiB; this job uses {gpus}",
-        f"  micro-batch {p.batch_pairs} pairs = {2 * p.batch_pairs} sequences x {p.seq_len} tokens; "
-        f"gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}",
-        "Memory per GPU (estimate):",
-    ]
-    if p.adapter != "none":
-        base = f"4-bit NF4 projections, the rest {p.model_dtype}" if p.adapter == "qlora" else f"{p.model_dtype}"
-        lines += [
-            f"  weights                      {_g(p.weights)}   frozen base {p.frozen_weights / GiB:.2f} GiB ({base}) "
-            f"+ {bw} B/param of the adapter and latent",
-            f"  gradients                    {_g(p.gradients)}   {bg} B/param of the adapter and latent",
-            f"  optimizer states (AdamW)     {_g(p.optimizer)}   {bo} B/param (2 fp32 moments) of the adapter and latent",
-        ]
-    else:
-        lines += [
-            f"  weights                      {_g(p.weights)}   {bw} B/param{shard}",
-            f"  gradients                    {_g(p.gradients)}   {bg} B/param{shard}",
-            f"  optimizer states (AdamW)     {_g(p.optimizer)}   "
-            + (
-                "offloaded to CPU"
-                if p.offload_optimizer
-                else f"{bo} B/param{' (fp32 master + 2 moments)' if bo == 12 else ' (2 moments)'}{shard}"
-            ),
-        ]
+    lines = ["Memory per GPU (estimate):", *_state_lines(p)]
     lines += [f"  reference model              {_g(p.reference_weights)}   {ref}"]
     if p.gathered:
         lines.append(
             f"  gathered parameters          {_g(p.gathered)}   {p.distributed}: embedding/head unit + 2 layers"
         )
     on, off = ("<- in use", "") if p.gradient_checkpointing else ("", "<- in use")
-    lines += [
+    return lines + [
         f"  activations, checkpointing   {_g(p.activations_checkpointing)}   {on}",
         f"  activations, none            {_g(p.activations_no_checkpointing)}   {off}",
         f"  logits (fp32 + temporary)    {_g(p.logits)}   8 B x {2 * p.batch_pairs} x {p.seq_len} x vocabulary",
         f"  = training peak              {_g(p.train_peak)}",
         f"  evaluation peak              {_g(p.eval_peak)}   states{' - gradients' if p.distributed != 'zero3' else ''} + logits of {2 * p.eval_batch_pairs} sequences",
         f"  budget                       {_g(p.budget)}   {p.gpu_memory_gb:g} GiB less {p.headroom:.0%} headroom",
+    ]
+
+
+def _compute_lines(p: Plan) -> list[str]:
+    return [
         "Compute per run (upper bound: every sequence padded to max_length):",
         f"  {p.pairs:,} pairs ({p.pairs_source}) -> {p.steps:,} steps x {p.global_batch} pairs = {p.pairs_seen:,} pairs seen, "
         f"{p.tokens:.3g} tokens",
@@ -1027,8 +1035,11 @@ def format_plan(p: Plan) -> str:
         + (f" + reference precompute {p.flops_precompute:.3g} (once, cached)" if p.flops_precompute else "")
         + f" = {p.flops:.3g}",
         f"  {_hours(p.gpu_hours)} GPU-hours at MFU {p.mfu:g} of {p.peak_tflops:g} TFLOPS "
-        f"= {_hours(p.wall_hours)} h on {gpus}",
+        f"= {_hours(p.wall_hours)} h on {_gpus(p)}",
     ]
+
+
+def _disk_lines(p: Plan) -> list[str]:
     what = "fp32 master weights + 2 moments (DeepSpeed)" if p.distributed == "zero3" else "weights + AdamW's 2 moments"
     if p.adapter != "none":
         what = "the adapter and latent + AdamW's 2 moments (not the frozen base)"
@@ -1041,45 +1052,42 @@ def format_plan(p: Plan) -> str:
         if at_once >= p.disk_peak
         else f"{kept} checkpoint{'s' if kept > 1 else ''} + final/"
     )
-    lines += [
+    return [
         "Disk in the run directory (estimate; GB = 10^9 bytes):",
         f"  checkpoint                   {_gb(p.checkpoint_bytes)}   {p.checkpoint_bytes_per_param} B/{per}: {what}",
         f"  final/                       {_gb(p.final_bytes)}   {p.final_bytes_per_param} B/{per}{merged}",
         f"  = peak                       {_gb(p.disk_peak)}   {peak_what} "
         f"({p.checkpoints_written} written, trainer.keep_checkpoints={p.keep_checkpoints})",
     ]
-    lines += [f"  note: {n}" for n in p.notes]
+
+
+def _change_lines(label: str, change: str, q: Plan, why: str = "") -> list[str]:
+    """A change that makes the job fit, and the plan with it."""
+    return [
+        f"  {label}: add  {change}",
+        f"  -> peak {q.peak / GiB:.1f} GiB of {q.budget / GiB:.1f} GiB on {q.world} GPU(s), "
+        f"{_hours(q.gpu_hours)} GPU-hours ({_hours(q.wall_hours)} h){why}",
+    ]
+
+
+def _verdict_lines(p: Plan) -> list[str]:
     peak = f"peak {p.peak / GiB:.1f} GiB of {p.budget / GiB:.1f} GiB usable per GPU"
     if p.fits:
-        lines.append(f"Verdict: fits ({peak})")
+        return [f"Verdict: fits ({peak})"]
+    lines = [f"Verdict: does not fit ({peak})"]
+    if p.suggestion:
+        lines += _change_lines("smallest change that fits", p.suggestion, p.suggested)
     else:
-        lines.append(f"Verdict: does not fit ({peak})")
-        if p.suggestion:
-            q = p.suggested
-            lines.append(f"  smallest change that fits: add  {p.suggestion}")
-            lines.append(
-                f"  -> peak {q.peak / GiB:.1f} GiB of {q.budget / GiB:.1f} GiB on {q.world} GPU(s), "
-                f"{_hours(q.gpu_hours)} GPU-hours ({_hours(q.wall_hours)} h)"
-            )
-        else:
-            lines.append(
-                "  nothing in (precompute the reference, gradient checkpointing, ZeRO-3, up to "
-                f"{MAX_NODES} nodes, smaller micro-batches, CPU optimizer offload, LoRA, QLoRA) fits: what does not "
-                "shard (activations, logits, the reference) needs a smaller trainer.max_length, or bigger GPUs"
-            )
-        if p.alternative:
-            q = p.alternative_plan
-            lines.append(f"  on the {_plural(p.world, 'GPU')} this job has: add  {p.alternative}")
-            lines.append(
-                f"  -> peak {q.peak / GiB:.1f} GiB of {q.budget / GiB:.1f} GiB on {q.world} GPU(s), "
-                f"{_hours(q.gpu_hours)} GPU-hours ({_hours(q.wall_hours)} h)"
-                + (
-                    " (adapter: trains a LoRA adapter and the latent, not the whole model)"
-                    if q.adapter != "none"
-                    else ""
-                )
-            )
-    return "\n".join(line.rstrip() for line in lines)
+        lines.append(
+            "  nothing in (precompute the reference, gradient checkpointing, ZeRO-3, up to "
+            f"{MAX_NODES} nodes, smaller micro-batches, CPU optimizer offload, LoRA, QLoRA) fits: what does not "
+            "shard (activations, logits, the reference) needs a smaller trainer.max_length, or bigger GPUs"
+        )
+    if p.alternative:
+        q = p.alternative_plan
+        why = " (adapter: trains a LoRA adapter and the latent, not the whole model)" if q.adapter != "none" else ""
+        lines += _change_lines(f"on the {_plural(p.world, 'GPU')} this job has", p.alternative, q, why)
+    return lines
 
 
 def format_sweep(plans: list[Plan]) -> str:
