@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,19 @@ def test_installed_package_trains_from_another_directory(tmp_path):
         check=True,
     ).stdout
     assert where.startswith(str(target))
+
+
+def test_the_build_lists_every_package_and_maps_the_config_tree():
+    """pyproject.toml names its packages (find() would not see top-level conf/): a new package under src/lpc
+    must be added there, or the wheel would lack it; lpc.conf is the repository's conf/, mapped at build time."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from setuptools import find_packages
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert sorted(tool["packages"]) == sorted([*find_packages(str(REPO / "src")), "lpc.conf"])
+    assert tool["package-dir"] == {"": "src", "lpc.conf": "conf"}
+    assert not (REPO / "src" / "lpc" / "conf").exists()  # one copy of the config tree
+    from lpc.conf import CONF_DIR
+
+    assert Path(CONF_DIR) == REPO / "conf"

@@ -9,6 +9,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lpc.conf import CONF_DIR
+
 log = logging.getLogger("lpc.train")
 
 
@@ -18,7 +20,12 @@ def main() -> None:
     the discrete latent (lpc.conf.codebook_implies_latent) before Hydra composes anything."""
     from lpc.conf import codebook_implies_latent
 
-    if Path("conf/local").is_dir() and not any(a.startswith("hydra.searchpath") for a in sys.argv[1:]):
+    local = Path("conf/local")  # in the checkout it is inside the config tree itself: nothing to add
+    if (
+        local.is_dir()
+        and local.resolve().parent != Path(CONF_DIR).resolve()
+        and not any(a.startswith("hydra.searchpath") for a in sys.argv[1:])
+    ):
         sys.argv.insert(1, "hydra.searchpath=[file://conf]")
     flags = [a for a in sys.argv[1:] if a.startswith("-") or "=" not in a]
     overrides = [a for a in sys.argv[1:] if a not in flags]
@@ -44,7 +51,7 @@ def refuse(err: Exception, message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")  # lpc/conf/
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def train(cfg: DictConfig) -> float:
     from lpc.config import ConfigError, validate
     from lpc.environment import check_environment

@@ -1,4 +1,5 @@
-"""The Hydra config tree of ``lpc-train`` (package data, so an installed package finds it).
+"""The Hydra config tree of ``lpc-train``: the repository's ``conf/``, which the build maps into the package as
+``lpc.conf`` (pyproject.toml), so an installed package and an editable one both find it.
 ``CONF_DIR`` is its location for code that composes configs itself (the sweep driver, the tests), and
 :func:`codebook_implies_latent` is the one command-line rule every entry point applies before composing."""
 
