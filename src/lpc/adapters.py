@@ -21,7 +21,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where it is used: lpc-plan reads this module's tables without it
+# torch, transformers, safetensors and peft (an optional dependency) are imported inside the functions that use
+# them: lpc-plan reads this module's tables without loading any of them, and a run without an adapter needs no peft
+if TYPE_CHECKING:
     import torch
     from torch import nn
 

@@ -129,6 +129,3 @@ class IPO:
 
     def __call__(self, chosen, rejected, ref_chosen=None, ref_rejected=None) -> LossOutput:
         return ipo_loss(chosen, rejected, ref_chosen, ref_rejected, self.tau)
-
-
-PreferenceAlgorithm = DPO | SimPO | IPO

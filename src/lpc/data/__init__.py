@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 
-from lpc.errors import DataError
+from lpc.errors import DataError, check_choice, require_number
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +278,6 @@ class PreferenceData:
     name: str = field(default="")
 
     def __post_init__(self):
-        from lpc.errors import check_choice, require_number
-
         require_number("data.seed", self.seed, "an integer", integer=True)
         require_number("flip", self.flip, "a number in [0, 1] (fraction of training pairs flipped)", _unit)
         check_choice("data.on_bad_row", self.on_bad_row, ("skip", "error"))

@@ -24,6 +24,8 @@ from omegaconf import open_dict
 
 from lpc.errors import ConfigError, require
 
+# torch, accelerate, submitit and deepspeed (an optional dependency) are imported inside the functions that use
+# them: lpc-plan and lpc-train's preflight read this module's config helpers before (or without) loading torch
 log = logging.getLogger(__name__)
 # The accelerate config files ship inside the package (an installed package finds them too).
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
