@@ -59,64 +59,10 @@ bench: install
 	$(PIP) install -q -c constraints-cpu.txt -e '.[bench]'
 	$(PY) benchmarks/speed.py $(BENCH_ARGS)
 
-# The synthetic benchmark (docs/synthetic-benchmark.md): DPO vs LPC-DPO over 10 seeds in five data settings, plus
-# ablations of the latent's defaults in the headline setting, then the tables (python -m lpc.experiments.synthetic).
-# The runs per group and in total are in docs/synthetic-benchmark.md (make docs-check counts them from the targets
-# below); two sweeps at a time with 1 thread per run. A rerun resumes finished runs from their final checkpoint.
-# The tables land in $(SYNTH_DIR)/benchmark.md.
-SYNTH_DIR ?= outputs/benchmark/synthetic
-SEEDS     ?= range(0,10)
-SYNTH     := OMP_NUM_THREADS=1 $(PY) src/train.py -m experiment=synthetic_benchmark seed='$(SEEDS)'
-HEADLINE  := data.conflict=1.0 data.visibility=always
-# run two sweeps at once and fail if either fails
-BOTH      := a=$$!; wait $$a; ra=$$?; wait $$b; rb=$$?; test $$ra -eq 0 -a $$rb -eq 0
-.PHONY: benchmark-synthetic synthetic-main synthetic-noise synthetic-weak-ablation synthetic-longer synthetic-steering
-benchmark-synthetic: synthetic-main synthetic-noise synthetic-weak-ablation synthetic-longer synthetic-steering
-	$(PY) -m lpc.experiments.synthetic $(SYNTH_DIR) --command "make benchmark-synthetic"
-# Convergence check: the headline setting with twice the steps and data (1200 steps, one epoch).
-LONGER    := $(HEADLINE) trainer.max_steps=1200 data.n_train=19200
-synthetic-longer: install
-	$(SYNTH) $(LONGER) latent=none hydra.sweep.dir=$(SYNTH_DIR)/conflict1-visible-1200steps-dpo & b=$$!; \
-	$(SYNTH) $(LONGER) latent=discrete hydra.sweep.dir=$(SYNTH_DIR)/conflict1-visible-1200steps-lpc & $(BOTH)
-# Type-steered generation (lpc-steer) of every LPC-DPO run in the headline setting (~40 s each).
-synthetic-steering: install
-	for run in $(SYNTH_DIR)/conflict1-visible/*/; do \
-	  grep -q "latent=discrete" $$run/.hydra/overrides.yaml && \
-	  { test -f $$run/analysis/steering.json || $(VENV)/bin/lpc-steer $$run prompts=16 samples=4 > /dev/null || exit 1; }; \
-	done; true
-synthetic-main: install
-	$(SYNTH) $(HEADLINE) latent=none,discrete,continuous hydra.sweep.dir=$(SYNTH_DIR)/conflict1-visible & b=$$!; \
-	$(SYNTH) data.conflict=0.0 data.visibility=always latent=none,discrete \
-	    hydra.sweep.dir=$(SYNTH_DIR)/conflict0-visible & $(BOTH)
-synthetic-noise: install
-	$(SYNTH) data.conflict=0.0 data.visibility=never flip=0.3 latent=none,discrete \
-	    hydra.sweep.dir=$(SYNTH_DIR)/flip-marker & b=$$!; \
-	$(SYNTH) data.conflict=0.0 data.visibility=never flip=0.3 data.flip_marker=null latent=none,discrete \
-	    hydra.sweep.dir=$(SYNTH_DIR)/flip-nomarker & $(BOTH)
-# The weak-clue setting (a shown tag is right 3 times in 4), and the defaults' ablation: the former
-# defaults (soft Gumbel-softmax, codes drawn at std 0.02) and a 10x learning rate for the latent.
-synthetic-weak-ablation: install
-	$(SYNTH) $(HEADLINE) data.tag_accuracy=0.75 latent=none,discrete \
-	    hydra.sweep.dir=$(SYNTH_DIR)/conflict1-weak-tag & b=$$!; \
-	{ $(SYNTH) $(HEADLINE) latent=discrete latent.hard=false latent.codebook_init=normal \
-	    latent.codebook_init_scale=0.02 hydra.sweep.dir=$(SYNTH_DIR)/ablation-former-defaults && \
-	  $(SYNTH) $(HEADLINE) latent=discrete latent.lr_multiplier=10 \
-	    hydra.sweep.dir=$(SYNTH_DIR)/ablation-lr10; } & $(BOTH)
-
-# The pretrained tier (docs/synthetic-benchmark.md, "On a pretrained LM"): SmolLM2-135M-Instruct at the paper's LM
-# learning rate, DPO vs LPC-DPO (the defaults) over PRE_SEEDS, then the tables with the LM-integrity columns. Each run
-# ~15 min on one core of this machine kind; two sweeps at a time. PRE_ARGS adds overrides to both (e.g. a latent option).
-PRE_DIR   ?= outputs/benchmark/pretrained
-PRE_SEEDS ?= 0,1,2
-PRE       := OMP_NUM_THREADS=1 $(PY) src/train.py -m experiment=synthetic_pretrained seed=$(PRE_SEEDS) $(PRE_ARGS)
-.PHONY: benchmark-pretrained
-benchmark-pretrained: install
-	$(PRE) latent=none hydra.sweep.dir=$(PRE_DIR)/dpo & b=$$!; \
-	$(PRE) latent=discrete hydra.sweep.dir=$(PRE_DIR)/lpc & $(BOTH)
-	$(PY) -m lpc.experiments.synthetic $(PRE_DIR) --command "make benchmark-pretrained"
-
-# The paper's experiments (docs/experiments.md): SCALE=cpu|paper, LAUNCHER=local|submitit_local|slurm,
-# ARGS=extra overrides (e.g. hydra.launcher.partition=gpu). A rerun only runs the missing/failed runs.
+# The experiments (experiments/README.md): each target is one `lpc-sweep experiment=NAME` (conf/experiment/NAME.yaml),
+# which trains the runs still to do and writes SWEEP_DIR/report.md (default: outputs/sweeps/NAME-SCALE).
+# SCALE=cpu|paper, LAUNCHER=local|submitit_local|slurm, ARGS=extra overrides (e.g. hydra.launcher.partition=gpu).
+# A rerun only runs the missing/failed runs.
 SCALE    ?= cpu
 LAUNCHER ?= local
 SWEEP    := $(PY) -m lpc.experiments.sweep scale=$(SCALE) launcher=$(LAUNCHER)
@@ -136,6 +82,16 @@ reproduce-continuous: install
 reproduce-mixed: install
 	$(SWEEP) experiment=mixed $(ARGS)
 reproduce-all: reproduce-table1 reproduce-table2 reproduce-codebook reproduce-noise reproduce-continuous reproduce-mixed
+
+# The synthetic benchmark (experiments/synthetic_benchmark/README.md, docs/synthetic-benchmark.md): DPO vs LPC-DPO over
+# 10 seeds in five data settings, ablations of the latent's defaults and a convergence check (150 runs), lpc-steer on
+# the headline LPC runs, then the report. Two multiruns at a time, one thread per run.
+# The pretrained tier (experiments/synthetic_pretrained/README.md): SmolLM2-135M-Instruct, DPO vs LPC-DPO, 3 seeds.
+.PHONY: benchmark-synthetic benchmark-pretrained
+benchmark-synthetic: install
+	OMP_NUM_THREADS=1 $(SWEEP) experiment=synthetic_benchmark --parallel 2 $(ARGS)
+benchmark-pretrained: install
+	OMP_NUM_THREADS=1 $(SWEEP) experiment=synthetic_pretrained --parallel 2 $(ARGS)
 
 # The dress rehearsal of the paper recipe (docs/slurm.md): lpc-sweep experiment=rehearsal scale=paper as a SLURM job
 # array on the local cluster (started first if it is not running; that needs root), each job 2 nodes x 2 CPU tasks

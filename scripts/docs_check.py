@@ -10,7 +10,8 @@ the claimed and the measured value when they differ:
 * README.md and docs/: "0.65M-parameter" (the tiny Llama's parameter count), docs/benchmarks.md's parameter columns
   (tiny and SmolLM2-135M, built here, and the LPC latent's parameters at K = 32);
 * docs/synthetic-benchmark.md: the share of labels the generator's Bradley-Terry noise flips at the documented
-  temperature, the runs each benchmark-synthetic group of the Makefile makes and their total;
+  temperature, the runs each group of the synthetic benchmark makes (``sweep.groups`` of
+  conf/experiment/synthetic_benchmark.yaml, as lpc-sweep lists them), their total and the runs lpc-steer analyses;
 * docs/experiments.md: the jobs ``lpc-sweep experiment=NAME [scale=paper] --dry-run`` lists, per experiment.
 
 ``--root DIR`` reads the documents from another checkout (the tests use an edited copy); ``--only NAME[,NAME]``
@@ -110,7 +111,6 @@ def sweep_jobs(experiment: str, scale: str) -> int:
         return len(sweep.plan(opts, extra)["jobs"])
 
 
-# ---------------------------------------------------------------------- the Makefile's synthetic benchmark
 def makefile_variables(text: str) -> dict[str, str]:
     """``NAME ?= value`` / ``NAME := value`` / ``NAME = value`` lines of a Makefile (one line each)."""
     out = {}
@@ -119,47 +119,21 @@ def makefile_variables(text: str) -> dict[str, str]:
     return out
 
 
-def expand(text: str, variables: dict[str, str]) -> str:
-    for _ in range(5):
-        text = re.sub(r"\$\(([A-Z_]+)\)", lambda m: variables.get(m.group(1), m.group(0)), text)
-    return text
+# ---------------------------------------------------------------------- the synthetic benchmark's runs
+def synthetic_groups(experiment: str = "synthetic_benchmark") -> dict[str, int]:
+    """Runs per group of an experiment, as ``lpc-sweep experiment=NAME --dry-run`` lists them, and under
+    ``"steered"`` the runs ``sweep.steer`` selects."""
+    from lpc.experiments import spec, sweep
 
-
-def synthetic_sweeps(makefile: Path) -> dict[str, list[list[str]]]:
-    """Per ``synthetic-*`` target of the Makefile, the overrides of each ``$(SYNTH)`` multirun it starts."""
-    text = makefile.read_text()
-    variables = makefile_variables(text)
-    targets: dict[str, list[list[str]]] = {}
-    current = None
-    body = text.replace("\\\n", " ")
-    for line in body.splitlines():
-        m = re.match(r"^(synthetic-[a-z-]+):", line)
-        if m:
-            current = m.group(1)
-            targets[current] = []
-            continue
-        if current and line.startswith("\t"):
-            for part in re.split(r"[&;]", line):
-                if "$(SYNTH)" in part:
-                    words = expand(part.replace("$(SYNTH)", "").replace("{", " ").replace("}", " "), variables)
-                    targets[current].append([w for w in words.split() if "=" in w and not w.startswith("hydra.")])
-        elif current and line and not line.startswith("#"):
-            current = None
-    return targets
-
-
-def n_seeds(makefile: Path) -> int:
-    seeds = makefile_variables(makefile.read_text())["SEEDS"]
-    m = re.fullmatch(r"range\((\d+),\s*(\d+)\)", seeds)
-    return int(m.group(2)) - int(m.group(1)) if m else len(seeds.split(","))
-
-
-def runs_of(overrides: list[str], seeds: int) -> int:
-    """Runs of one multirun: the product of its comma lists, times the seeds."""
-    n = seeds
-    for o in overrides:
-        n *= len(o.split("=", 1)[1].split(","))
-    return n
+    with tempfile.TemporaryDirectory() as tmp:
+        opts, extra = sweep.parse_args([f"experiment={experiment}", "--sweep-dir", tmp])
+        p = sweep.plan(opts, extra)
+    counts: dict[str, int] = {}
+    for j in p["jobs"]:
+        counts[j["group"]] = counts.get(j["group"], 0) + 1
+    match = (p["steer"] or {}).get("match")
+    counts["steered"] = sum(spec.matches(j, match) for j in p["jobs"]) if match else 0
+    return counts
 
 
 # ---------------------------------------------------------------------- checks
@@ -237,18 +211,17 @@ class Checker:
     def synthetic_runs(self) -> None:
         rel = "docs/synthetic-benchmark.md"
         text = self.read(rel)
-        makefile = self.root / "Makefile"
-        seeds = n_seeds(makefile)
-        total = 0
-        for target, sweeps in synthetic_sweeps(makefile).items():
-            runs = sum(runs_of(s, seeds) for s in sweeps)
-            total += runs
-            if not sweeps:
-                continue
-            m = re.search(rf"^\| `{target}` \|.*\| (\d+) \|$", text, re.MULTILINE)
-            self.add(rel, f"runs of make {target}", m.group(1) if m else "no row", runs)
-        for c in re.findall(r"make benchmark-synthetic\s+# (\d+) runs", text):
-            self.add(rel, "runs of make benchmark-synthetic", c, total)
+        counts = json.loads(self.measure("synthetic_groups", lambda: json.dumps(synthetic_groups())))
+        steered = counts.pop("steered")
+        for group, runs in counts.items():
+            m = re.search(rf"^\| `{re.escape(group)}` \|.*\| (\d+) \|$", text, re.MULTILINE)
+            self.add(rel, f"runs of group {group}", m.group(1) if m else "no row", runs)
+        total = re.findall(r"make benchmark-synthetic\s+# (\d+) runs and the steering of (\d+)", text)
+        if not total:
+            self.add(rel, "runs of make benchmark-synthetic", "nothing", "'make benchmark-synthetic  # N runs and ...'")
+        for runs, steer in total:
+            self.add(rel, "runs of make benchmark-synthetic", runs, sum(counts.values()))
+            self.add(rel, "runs lpc-steer analyses", steer, steered)
 
     def sweep_jobs(self) -> None:
         rel = "docs/experiments.md"

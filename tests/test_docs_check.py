@@ -1,5 +1,6 @@
 """make docs-check (scripts/docs_check.py) and the expensive tables' provenance: docs/synthetic-benchmark.md's
-and docs/benchmarks.md's headers must match the Makefile settings and the config that would make them today."""
+and docs/benchmarks.md's headers must match the experiment definition, the Makefile settings and the config that
+would make them today."""
 
 from __future__ import annotations
 
@@ -125,54 +126,63 @@ def test_every_other_cheap_figure_matches_and_an_edit_to_each_fails(tmp_path, ca
     ]
 
 
-def test_synthetic_benchmark_makefile_runs_by_hand():
-    """The Makefile parser against the targets read by hand: synthetic-main is 3 methods + 2 methods, each over
-    the 10 seeds of SEEDS = range(0,10)."""
-    docs_check = load_docs_check()
-    sweeps = docs_check.synthetic_sweeps(REPO / "Makefile")
-    assert docs_check.n_seeds(REPO / "Makefile") == 10
-    assert sweeps["synthetic-main"] == [
-        ["data.conflict=1.0", "data.visibility=always", "latent=none,discrete,continuous"],
-        ["data.conflict=0.0", "data.visibility=always", "latent=none,discrete"],
-    ]
-    assert [docs_check.runs_of(s, 10) for s in sweeps["synthetic-main"]] == [30, 20]
-    assert sweeps["synthetic-steering"] == []
+def test_synthetic_benchmark_runs_per_group_by_hand():
+    """The runs docs-check counts, against conf/experiment/synthetic_benchmark.yaml read by hand: 10 seeds times
+    3 methods (conflict 1, tag shown), 2 methods (the other settings) or 1 (the two ablations); lpc-steer on the
+    10 LPC-DPO runs of the headline setting."""
+    counts = load_docs_check().synthetic_groups()
+    assert counts == {
+        "conflict1-visible": 30,
+        "conflict0-visible": 20,
+        "flip-marker": 20,
+        "flip-nomarker": 20,
+        "conflict1-weak-tag": 20,
+        "ablation-former-defaults": 10,
+        "ablation-lr10": 10,
+        "conflict1-visible-1200steps": 20,
+        "steered": 10,
+    }
 
 
 # ---------------------------------------------------------------------- expensive tables: provenance
+def synthetic_spec() -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose(["experiment=synthetic_benchmark"]).sweep, resolve=True)
+
+
 def synthetic_titles() -> dict[str, str]:
-    """Per Makefile sweep, the title its table would carry if the benchmark ran today (its config composed)."""
+    """Per group of the benchmark, the title its table would carry if the benchmark ran today (its config composed;
+    the data setting does not depend on the method or the seed)."""
+    from lpc.experiments import spec
     from lpc.experiments.synthetic import data_setting, setting_title
 
-    docs_check = load_docs_check()
     titles = {}
-    for target, sweeps in docs_check.synthetic_sweeps(REPO / "Makefile").items():
-        for overrides in sweeps:
-            single = [o.split(",")[0] for o in overrides]  # the data setting does not depend on the method
-            cfg = compose(["experiment=synthetic_benchmark", *single])
-            titles[f"{target} {' '.join(overrides)}"] = setting_title(data_setting(cfg))
+    for group, part in spec.groups(synthetic_spec()).items():
+        first = [f"{k}={spec.fmt(v[0])}" for k, v in part["grid"].items()]
+        cfg = compose(["experiment=synthetic_benchmark", *part["overrides"], *first])
+        titles[group] = setting_title(data_setting(cfg))
     return titles
 
 
 def test_synthetic_benchmark_tables_match_the_generator_config_of_today():
-    """Every sweep of make benchmark-synthetic has its table, under the title its composed config gives (n_types,
-    conflict, tag, noise, flips, steps), with as many seeds per row as SEEDS; the doc names the command and the
-    commits that made the runs. Changing conf/experiment/synthetic_benchmark.yaml or the Makefile's settings
-    without rerunning the benchmark fails here."""
-    docs_check = load_docs_check()
+    """Every group of the synthetic benchmark has its table, under the title its composed config gives (n_types,
+    conflict, tag, noise, flips, steps), with as many seeds per row as the experiment's grid; the doc names the
+    commits that made the runs. Changing conf/experiment/synthetic_benchmark.yaml without rerunning the benchmark
+    fails here."""
     doc = (REPO / "docs" / "synthetic-benchmark.md").read_text()
-    asset = (REPO / "docs" / "assets" / "synthetic-benchmark" / "benchmark.md").read_text()
+    recorded = (REPO / "experiments" / "synthetic_benchmark" / "results" / "benchmark.md").read_text()
     titles = synthetic_titles()
-    assert len(titles) == 9  # main 2, noise 2, weak tag + 2 ablations, longer 2
-    for sweep, title in titles.items():
-        assert f"**{title}**" in doc, (sweep, title)
-        assert f"**{title}**" in asset, (sweep, title)
+    assert len(titles) == 8 and len(set(titles.values())) == 6  # the ablations share the headline's data setting
+    for group, title in titles.items():
+        assert f"**{title}**" in doc, (group, title)
+        assert f"**{title}**" in recorded, (group, title)
     doc_titles = set(re.findall(r"^\*\*(\d+ types, .+ steps)\*\*$", doc, re.MULTILINE))
-    assert doc_titles == set(titles.values())  # no table from a setting the Makefile no longer runs
-    seeds = docs_check.n_seeds(REPO / "Makefile")
+    assert doc_titles == set(titles.values())  # no table from a setting the benchmark no longer runs
+    seeds = len(synthetic_spec()["grid"]["seed"])
     rows = re.findall(r"^\| ((?:LPC-)?DPO[^|]*) \| (\d+) \|", doc, re.MULTILINE)
     assert len(rows) == 15 and {int(n) for _, n in rows} == {seeds}
-    assert asset.startswith("150 completed runs, made by `make benchmark-synthetic`")
+    assert recorded.startswith("150 completed runs, made by `make benchmark-synthetic`")
     for commit in re.findall(r"at commit ([0-9a-f]{7,})|at ([0-9a-f]{7,}) \(", doc):
         sha = commit[0] or commit[1]
         assert subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=REPO).returncode == 0, sha

@@ -131,7 +131,7 @@ def test_table1_shows_downstream_metrics_when_present_and_na_otherwise(tmp_path)
 
 def test_codebook_curve_tells_the_truth(tmp_path):
     # a CPU-scale codebook sweep with the baseline: codebook none, 8, 32, 64 x seeds 0, 1
-    from lpc.experiments.report import SCALE_NOTE, aggregate, curve_figure, load_paper_numbers, read_sweep
+    from lpc.experiments.report import SCALE_NOTE, aggregate, curve_figure, published, read_sweep
 
     grid = ["experiment=codebook", "sweep.grid.codebook=[none,8,32,64]", "scale.seeds=[0,1]"]
     jobs = []
@@ -149,7 +149,7 @@ def test_codebook_curve_tells_the_truth(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps(manifest))
     sweep = read_sweep(tmp_path)
     assert sweep["scale"] == "cpu" and not sweep["missing"]
-    fig = curve_figure(sweep, aggregate(sweep), load_paper_numbers(), "codebook")
+    fig = curve_figure(sweep, aggregate(sweep), published(sweep["spec"]), "codebook")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "32", "64"]  # integer K ticks, as run
     ours = ax.containers[0].lines[0]  # the errorbar's data line

@@ -74,7 +74,8 @@ def test_cpu_scale_job_counts(capsys, tmp_path):
 
 
 def test_products_cover_exactly_the_runs_to_do():
-    from lpc.experiments.sweep import expand_grid, products
+    from lpc.experiments.spec import expand_grid
+    from lpc.experiments.sweep import products
 
     grid = {"model": ["a", "b"], "algo": ["dpo", "simpo", "ipo"], "seed": [0, 1, 2]}
     jobs = expand_grid(grid)

@@ -1,5 +1,6 @@
-"""lpc.experiments.synthetic (lpc-synthetic-report) on five hand-made runs: the cells, the paired difference and
-the title of docs/synthetic-benchmark.md's tables, computed by hand (t quantile t_0.975,1 = 12.7062)."""
+"""lpc-report's settings layout (the synthetic benchmark's tables, lpc.experiments.synthetic) on five hand-made
+runs: the cells, the paired difference and the title of docs/synthetic-benchmark.md's tables, computed by hand
+(t quantile t_0.975,1 = 12.7062)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from lpc.experiments.synthetic import main
+from lpc.experiments.report import write_report
 
 HEADLINE = ["experiment=synthetic_benchmark", "data.conflict=1.0", "data.visibility=always"]
 
@@ -52,10 +53,17 @@ def test_report_tables_by_hand(tmp_path, capsys):
         lpc_metrics(0.95, 0.6, 0, 1, 1, 0, 1.2, 1.0),
     )
     fake_run(root, "unfinished", ["latent=discrete", "seed=2"], {"eval/pref_accuracy": 0.1}, status="running")
-    assert main([str(root), "--out", str(tmp_path / "out"), "--command", "make benchmark-synthetic"]) == 0
-    md = (tmp_path / "out" / "benchmark.md").read_text()
-    assert md.startswith("5 completed runs, made by `make benchmark-synthetic`.\n\n**2 types, conflict 1, tag always, ")
-    assert "600 steps**" in md.splitlines()[2]
+    (root / "sweep.json").write_text(
+        json.dumps({"command": "lpc-sweep experiment=synthetic_benchmark", "grid": {}, "jobs": []})
+    )
+    summary = write_report(root, tmp_path / "out")
+    assert summary["completed"] == 5 and summary["failed"] == 1
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith(
+        "# Sweep `synthetic_benchmark`\n\n5 completed runs, made by `lpc-sweep experiment=synthetic_benchmark`.\n\n"
+    )
+    titles = [ln for ln in md.splitlines() if ln.startswith("**2 types")]
+    assert titles == ["**2 types, conflict 1, tag always, 600 steps**"]
     rows = [ln for ln in md.splitlines() if ln.startswith("| DPO") or ln.startswith("| LPC")]
     # DPO: mean 85.0, s = 0.0707, ci = 12.7062 x 0.0707 / sqrt 2 = 63.5 (points); the ceiling is 1.0 twice
     # LPC: 93.0 ± 12.7062 x 3.0; paired differences 10 and 6 points: +8.0 ± 12.7062 x 2.0, t = 4 on 1 degree of
@@ -69,7 +77,7 @@ def test_report_tables_by_hand(tmp_path, capsys):
         "| LPC-DPO [latent.lr_multiplier=10] | 1 | 95.0 | 100.0 | +15.0 | 60.0 | 0.0 | 100.0 | 1.00 | 1.0 | 0.00 (0.10) "
         "| 1.200 | 1.0 |",
     ]
-    rows_json = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    rows_json = json.loads((tmp_path / "out" / "report.json").read_text())
     lpc = next(r for r in rows_json if r["method"] == {"algo": "dpo", "latent": "discrete", "options": []})
     assert lpc["seeds"] == [0, 1] and lpc["values"]["eval/pref_accuracy"] == {"0": 0.90, "1": 0.96}
     assert lpc["vs_baseline"]["mean_diff"] == pytest.approx(0.08) and lpc["vs_baseline"]["p_value"] == pytest.approx(
@@ -85,8 +93,8 @@ def test_the_pretrained_tier_is_its_own_table_titled_with_model_and_lm_rate(tmp_
     OmegaConf.save(compose(overrides), run / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
     (run / "metrics.json").write_text(json.dumps({"status": "completed", **lpc_metrics(0.7, 0.6, 0.1, 0.2, 2, 1.0)}))
-    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
-    md = (tmp_path / "out" / "benchmark.md").read_text()
+    write_report(root)
+    md = (root / "report.md").read_text()
     assert "**smollm2, LM lr 5e-07, 2 types, conflict 1, tag always, 60 steps**" in md
 
 
@@ -101,5 +109,5 @@ def test_a_run_is_labelled_by_its_latent_as_it_ran_not_by_its_overrides(tmp_path
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(HEADLINE + ["latent=discrete", "seed=0"]), run / ".hydra" / "overrides.yaml")
     (run / "metrics.json").write_text(json.dumps({"status": "completed", **lpc_metrics(0.9, 0.8, 0.1, 0.2, 2, 1.0)}))
-    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
-    assert "| LPC-DPO [latent.codebook_init=hidden] | 1 |" in (tmp_path / "out" / "benchmark.md").read_text()
+    write_report(root)
+    assert "| LPC-DPO [latent.codebook_init=hidden] | 1 |" in (root / "report.md").read_text()

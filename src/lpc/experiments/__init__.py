@@ -1,2 +1,3 @@
-"""The paper's experiments: the sweep driver (``sweep``), its report (``report``), the synthetic
-benchmark's tables (``synthetic``), the published numbers they are compared with (``paper_numbers.yaml``)."""
+"""The experiments (experiments/README.md): the definition of an experiment's runs (``spec``, read from the ``sweep``
+node of conf/experiment/NAME.yaml), the driver that runs them (``sweep``, lpc-sweep), the one reporter
+(``report``, lpc-report; ``synthetic`` renders the synthetic benchmark's layout) and the resource planner (``plan``)."""

@@ -1,19 +1,27 @@
-"""Turn a sweep directory into the paper's tables: ``lpc-report` SWEEP_DIR``.
+"""The report of every experiment: ``lpc-report SWEEP_DIR`` (lpc-sweep runs it after the runs).
 
-Reads every run's config (``.hydra/config.yaml``, else ``final/lpc_config.yaml``) and ``metrics.json``,
-groups the runs by their grid values (``sweep.grid`` of the experiment config) without the seed,
-aggregates over seeds (mean, sample std, n) and writes, atomically, into SWEEP_DIR:
+Reads every run's config (``.hydra/config.yaml``, else ``final/lpc_config.yaml``) and ``metrics.json``, and the
+experiment's ``sweep`` node from them (lpc.experiments.spec; the grid of a plain ``lpc-train -m`` sweep is
+inferred). ``sweep.report.layout`` chooses the tables, written atomically into SWEEP_DIR:
 
-- ``report.md``: one table per metric, rows = grid keys, columns = ``sweep.report.columns`` (e.g.
-  w/o | w/ LPC), the paper's published number beside ours (src/lpc/experiments/paper_numbers.yaml), then the
-  runs that are missing (in the grid, no run dir), incomplete (no completed metrics.json but a
-  checkpoint to resume from) or failed (neither), with the last lines of their log;
-- ``report.csv``: the same cells, one line per (metric, row, column);
-- ``codebook.png`` / ``flip.png`` when the experiment has that curve.
+- ``grid`` (the paper's experiments): the runs grouped by their grid values without the seed, mean, sample std
+  and n over seeds; ``report.md`` has one table per metric, rows = grid keys, columns = ``sweep.report.columns``
+  (e.g. w/o | w/ LPC), the paper's published number beside ours (``sweep.report.paper``); ``report.csv`` the
+  same cells, one line per (metric, row, column); ``codebook.png`` / ``flip.png`` when the experiment has that
+  curve;
+- ``settings`` (the synthetic benchmark): one table per data setting read from the runs' configs, one row per
+  method, the 95% t interval over seeds, the paired difference to the algorithm without a latent and the
+  latent's diagnostics, then the type-steered generation of the runs lpc-steer analysed
+  (lpc.experiments.synthetic); ``report.json`` holds every per-seed value.
+
+Both end with the runs whose latent did not act or whose LM was damaged, and the runs that are missing (in the
+grid, no run dir), incomplete (no completed metrics.json but a checkpoint to resume from) or failed (neither),
+with the last lines of their log.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import itertools
@@ -24,12 +32,15 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from lpc.files import atomic_save_figure, atomic_write_text
+from lpc.errors import ConfigError
+from lpc.experiments import spec as experiment_spec
+from lpc.experiments import synthetic
+from lpc.files import atomic_save_figure, atomic_write_json, atomic_write_text
 from lpc.stats import summarize
 from lpc.training import rundir
 
-PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.yaml"  # package data
 LOG_TAIL = 8
+LAYOUTS = ("grid", "settings")
 
 # metric name -> (label, metrics.json keys in order of preference, factor to %)
 METRICS = {
@@ -155,15 +166,20 @@ def read_sweep(sweep_dir: str | Path) -> dict:
         spec = inferred_spec(sweep_dir, runs)
     if spec is None:
         raise SystemExit(f"lpc.experiments.report: no runs (no .hydra/config.yaml or metrics.json) under {sweep_dir}")
-    grid = {k: manifest["grid"][k] for k in manifest.get("grid_keys", manifest["grid"])} if manifest else spec["grid"]
+    if manifest:
+        grid = {k: manifest["grid"][k] for k in manifest.get("grid_keys", manifest["grid"])}
+    else:
+        grid = spec.get("grid") or {}
     keys = list(grid)
     for r in runs:
         r["values"] = {k: grid_value(r["cfg"], k) for k in keys} if r["cfg"] is not None else None
     if manifest:
         expected = [{k: str(v) for k, v in j["overrides"].items()} | {"_dir": j["dir"]} for j in manifest["jobs"]]
+    elif spec.get("groups"):  # a union of products: each run is known by its directory below its group's
+        expected = [j["overrides"] | {"_dir": j["dir"]} for j in experiment_spec.jobs(spec)]
     else:
         expected = [dict(zip(keys, map(value_str, vals))) for vals in itertools.product(*grid.values())]
-    present_dirs = {r["dir"].name for r in runs}
+    present_dirs = {r["dir"].relative_to(sweep_dir).as_posix() for r in runs}
     present_values = [r["values"] for r in runs if r["values"]]
     missing = []
     for job in expected:
@@ -182,6 +198,7 @@ def read_sweep(sweep_dir: str | Path) -> dict:
         "runs": runs,
         "missing": missing,
         "scale": scale,
+        "command": manifest.get("command") if manifest else None,
     }
 
 
@@ -222,14 +239,18 @@ def aggregate(sweep: dict) -> dict:
     return cells
 
 
-def load_paper_numbers(path: Path = PAPER_NUMBERS) -> dict:
-    return yaml.safe_load(path.read_text()) if path.exists() else {"entries": [], "notes": {}}
+def published(spec: dict) -> dict:
+    """The experiment's published numbers (``sweep.report.paper``: entries of metric, match, value, setting,
+    source) and statements (``sweep.report.notes``)."""
+    report = spec.get("report") or {}
+    return {"entries": list(report.get("paper") or []), "notes": list(report.get("notes") or [])}
 
 
-def paper_value(paper: dict, sweep_name: str, metric: str, cell_values: dict) -> dict | None:
-    """The published entry whose `match` agrees with the cell on every key the cell has."""
+def paper_value(paper: dict, metric: str, cell_values: dict) -> dict | None:
+    """The published entry whose `match` agrees with the cell on every key the cell has (keys that are not grid
+    keys of the sweep are ignored, so an ablation's entries also appear beside a reduced grid)."""
     for e in paper.get("entries", []):
-        if e["sweep"] != sweep_name or e["metric"] != metric:
+        if e["metric"] != metric:
             continue
         if all(value_str(v) == cell_values[k] for k, v in e["match"].items() if k in cell_values):
             return e
@@ -275,7 +296,7 @@ def build_tables(sweep: dict, cells: dict, paper: dict) -> tuple[str, list[dict]
             for c in cols:
                 cell = cells.get((metric, row, c))
                 cell_values = values | ({col_key: c} if col_key else {})
-                entry = paper_value(paper, spec["name"], metric, cell_values)
+                entry = paper_value(paper, metric, cell_values)
                 ours.append(fmt_cell(cell))
                 theirs.append(fmt_paper(entry))
                 any_missing_metric |= bool(cell) and cell["n"] < cell["runs"]
@@ -359,7 +380,7 @@ def curve_figure(sweep: dict, cells: dict, paper: dict, x_key: str):
                 baseline = cell
                 continue
             pts.append((x, cell["mean"], cell["std"] or 0.0))
-            entry = paper_value(paper, sweep["spec"]["name"], metric, values | ({col_key: c} if col_key else {}))
+            entry = paper_value(paper, metric, values | ({col_key: c} if col_key else {}))
             if entry and isinstance(entry["value"], (int, float)):
                 ref.append((x, float(entry["value"]), entry.get("setting", "")))
         if not pts:
@@ -445,6 +466,17 @@ def latent_section(sweep: dict) -> str:
     return "\n".join(head + flagged + ([""] if flagged else []))
 
 
+def grid_text(sweep: dict) -> str:
+    """The experiment's size: ``grid: flip(4) x latent(2) x seed(2)``, or its groups' run counts."""
+    groups = sweep["spec"].get("groups")
+    if groups:
+        counts = {}
+        for j in experiment_spec.jobs(sweep["spec"]):
+            counts[j["group"]] = counts.get(j["group"], 0) + 1
+        return "groups: " + ", ".join(f"{g}({n})" for g, n in counts.items())
+    return "grid: " + " x ".join(f"{k}({len(v)})" for k, v in sweep["grid"].items())
+
+
 def status_section(sweep: dict) -> str:
     runs = sweep["runs"]
     bad = [r for r in runs if r["status"] != "completed"]
@@ -454,7 +486,7 @@ def status_section(sweep: dict) -> str:
         f"{sum(r['status'] == 'completed' for r in runs)} completed, "
         f"{sum(r['status'] == 'incomplete' for r in runs)} incomplete, "
         f"{sum(r['status'] == 'failed' for r in runs)} failed, {len(sweep['missing'])} missing "
-        f"(grid: {' x '.join(f'{k}({len(v)})' for k, v in sweep['grid'].items())}).",
+        f"({grid_text(sweep)}).",
         "",
     ]
     if sweep["missing"]:
@@ -483,58 +515,87 @@ def status_section(sweep: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(sweep_dir: str | Path, paper_path: Path = PAPER_NUMBERS) -> dict:
-    sweep = read_sweep(sweep_dir)
-    paper = load_paper_numbers(paper_path)
+def grid_layout(sweep: dict, out: Path) -> tuple[list[str], dict]:
+    """The paper's tables (one per metric, ours beside the published numbers) and curves; writes report.csv."""
+    spec = sweep["spec"]
+    paper = published(spec)
     cells = aggregate(sweep)
     tables, csv_rows = build_tables(sweep, cells, paper)
-    spec = sweep["spec"]
-    sweep_dir = Path(sweep_dir)
     pngs = []
     curve = (spec.get("report") or {}).get("curve")
-    if curve and plot_curve(sweep, cells, paper, curve, sweep_dir / f"{curve}.png"):
+    if curve and plot_curve(sweep, cells, paper, curve, out / f"{curve}.png"):
         pngs.append(f"{curve}.png")
-    notes = (paper.get("notes") or {}).get(spec["name"], [])
     md = [
-        f"# Sweep `{spec['name']}` ({sweep_dir})",
-        "",
         "Our numbers: mean ± sample std over seeds (n = runs with the metric), in %. "
-        "`paper` columns: the published value for that cell (src/lpc/experiments/paper_numbers.yaml; "
-        "the paper's setting is Llama3-8B/Mistral-7B on UltraFeedback, 5 seeds), blank where none is public.",
+        "`paper` columns: the published value for that cell (the experiment's `sweep.report.paper`, "
+        "conf/experiment/; the paper's setting is Llama3-8B/Mistral-7B on UltraFeedback, 5 seeds), blank where "
+        "none is public.",
         "",
         tables,
     ]
-    if notes:
-        md += ["Published statements:", ""] + [f"- {n}" for n in notes] + [""]
+    if paper["notes"]:
+        md += ["Published statements:", ""] + [f"- {n}" for n in paper["notes"]] + [""]
     md += [f"![{p}]({p})" for p in pngs] + ([""] if pngs else [])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in csv_rows for k in row)))
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    atomic_write_text(out / "report.csv", buf.getvalue())
+    return md, {"pngs": pngs, "cells": cells}
+
+
+def settings_layout(sweep: dict, out: Path) -> tuple[list[str], dict]:
+    """The synthetic benchmark's tables: one per data setting, one row per method (lpc.experiments.synthetic);
+    writes report.json with every per-seed value."""
+    runs = [synthetic.read_run(r["dir"]) for r in sweep["runs"] if r["status"] == "completed"]
+    runs = [r for r in runs if r is not None]
+    rows = synthetic.aggregate(runs)
+    ordered = sorted(runs, key=lambda r: (synthetic.setting_title(r["data"]), r["seed"]))
+    atomic_write_json(out / "report.json", rows)
+    md = [
+        'Accuracies in %. Each cell: mean ± the 95% t interval over seeds; "vs. no latent": the mean per-seed '
+        "difference to the same algorithm without a latent on the same seeds (the same data), its 95% interval "
+        "and a paired t-test.",
+        "",
+        synthetic.markdown_tables(rows) + synthetic.steering_section(ordered),
+    ]
+    return md, {"pngs": [], "rows": rows}
+
+
+def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> dict:
+    """report.md (and the layout's files) of a sweep directory, into ``out`` (default: the sweep directory)."""
+    sweep = read_sweep(sweep_dir)
+    spec = sweep["spec"]
+    layout = (spec.get("report") or {}).get("layout") or "grid"
+    if layout not in LAYOUTS:
+        raise ConfigError(f"sweep.report.layout={layout!r} is not allowed: one of {', '.join(LAYOUTS)}")
+    out = Path(out or sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    body, extra = (grid_layout if layout == "grid" else settings_layout)(sweep, out)
+    runs = sweep["runs"]
+    completed = sum(r["status"] == "completed" for r in runs)
+    made_by = f", made by `{sweep['command']}`" if sweep["command"] else ""
+    md = [f"# Sweep `{spec['name']}`", "", f"{completed} completed runs{made_by}.", "", *body]
     latent = latent_section(sweep)
     if latent:
         md.append(latent)
     md.append(status_section(sweep))
-    atomic_write_text(sweep_dir / "report.md", "\n".join(md))
-    buf = io.StringIO()
-    fields = list(dict.fromkeys(k for row in csv_rows for k in row))
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(csv_rows)
-    atomic_write_text(sweep_dir / "report.csv", buf.getvalue())
-    runs = sweep["runs"]
+    atomic_write_text(out / "report.md", "\n".join(md))
     return {
-        "report_md": str(sweep_dir / "report.md"),
-        "pngs": pngs,
-        "completed": sum(r["status"] == "completed" for r in runs),
+        "report_md": str(out / "report.md"),
+        "completed": completed,
         "failed": sum(r["status"] != "completed" for r in runs),
         "missing": len(sweep["missing"]),
-        "cells": cells,
+        **extra,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print(__doc__)
-        return 2
-    s = write_report(argv[0])
+    parser = argparse.ArgumentParser(prog="lpc-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="the sweep directory (lpc-sweep's, or any lpc-train -m sweep)")
+    parser.add_argument("--out", default=None, help="where to write report.md and its files (default: SWEEP_DIR)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    s = write_report(args.sweep_dir, args.out)
     print(
         f"{s['report_md']}: {s['completed']} completed, {s['failed']} failed/incomplete, {s['missing']} missing"
         + (f"; curves: {', '.join(s['pngs'])}" if s["pngs"] else "")

@@ -1,21 +1,25 @@
-"""Run a paper experiment's grid through Hydra multirun, skipping finished runs, then report it.
+"""Run an experiment (experiments/NAME/README.md) through Hydra multirun, skipping finished runs, then report it.
 
-    lpc-sweep experiment=codebook [scale=cpu|paper] [launcher=local|submitit_local|slurm]
-                        [--dry-run] [--sweep-dir DIR] [--no-report] [any other override ...]
+    lpc-sweep experiment=NAME [scale=cpu|paper] [launcher=local|submitit_local|slurm]
+                        [--dry-run] [--sweep-dir DIR] [--parallel N] [--no-report] [any other override ...]
 
-The experiment config (conf/experiment/NAME.yaml) names its grid in ``sweep.grid`` (key -> values).
-Every grid point is one run in ``SWEEP_DIR/<key=value,...>`` (Hydra's ``override_dirname``), so a
-rerun finds its runs: completed ones (metrics.json says so) are skipped, the others are launched
-again and resume from their last checkpoint. The runs still to do are grouped into as few Cartesian
-products as possible, and each product is one ``src/train.py -m`` call: Hydra's basic launcher
-(``launcher=local``, in-process, one after the other) or hydra-submitit-launcher (``submitit_local``,
-``slurm``: one job array per product). ``--dry-run`` prints the launcher's composed config (the sbatch
-parameters) and the job list without launching. At the end ``lpc.experiments.report`` summarises SWEEP_DIR.
+NAME is a config of conf/experiment/: the paper's table1, table2, codebook, noise, continuous, mixed,
+rehearsal, and the synthetic benchmark's synthetic_benchmark and synthetic_pretrained. Its ``sweep`` node
+lists the runs (lpc.experiments.spec): ``sweep.grid`` (key -> values), optionally ``sweep.groups`` (named
+parts, each its own product under its own fixed overrides). Every run has its directory
+``SWEEP_DIR[/<group>]/<key=value,...>`` (Hydra's ``override_dirname``), so a rerun finds its runs:
+completed ones (metrics.json says so) are skipped, the others are launched again and resume from their last
+checkpoint. The runs still to do are grouped into as few Cartesian products as possible, and each product is
+one ``lpc-train -m`` call: Hydra's basic launcher (``launcher=local``, in-process, one after the other) or
+hydra-submitit-launcher (``submitit_local``, ``slurm``: one job array per product); ``--parallel N`` runs N of
+these calls at a time (default 1). ``sweep.steer`` then runs
+``lpc-steer`` on the completed runs it matches. ``--dry-run`` prints the launcher's composed config (the sbatch
+parameters) and the job list without launching. At the end ``lpc-report`` summarises SWEEP_DIR (default:
+outputs/sweeps/<sweep.name>-<scale>) into its report.md.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import shlex
 import subprocess
@@ -25,31 +29,18 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from lpc.conf import BASELINE, CONF_DIR, codebook_implies_latent
+from lpc.errors import ConfigError
+from lpc.experiments import spec
+from lpc.experiments.spec import fmt
 from lpc.files import atomic_write_json
 from lpc.training import rundir
 
 # Each grid product is one `python -m lpc.train -m ...` (the installed lpc-train), run from the caller's
 # directory like any Hydra command; nothing is looked up in a source checkout.
 TRAIN = [sys.executable, "-m", "lpc.train"]
+STEER = [sys.executable, "-m", "lpc.evaluation.steering"]  # lpc-steer
 LAUNCHERS = {"local": "basic", "submitit_local": "submitit_local", "slurm": "slurm"}
 MANIFEST = rundir.SWEEP_MANIFEST
-
-
-def fmt(value) -> str:
-    """A grid value as a Hydra override string (also the text Hydra puts into override_dirname)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def job_dirname(job: dict) -> str:
-    """Hydra's override_dirname of a job whose only non-excluded overrides are its grid values."""
-    return ",".join(sorted(f"{k}={fmt(v)}" for k, v in job.items()))
-
-
-def expand_grid(grid: dict) -> list[dict]:
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def run_status(run_dir: Path) -> str:
@@ -80,8 +71,14 @@ def sweep_value(values: list) -> str:
     return ",".join(fmt(v) for v in values)
 
 
+def experiment_names() -> list[str]:
+    """The experiment configs on disk (conf/experiment/*.yaml)."""
+    return sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+
+
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     opts = {"dry_run": False, "report": True, "sweep_dir": None, "launcher": None, "experiment": None, "scale": "cpu"}
+    opts["parallel"] = 1
     rest, it = [], iter(argv)
     for arg in it:
         if arg == "--dry-run":
@@ -92,6 +89,11 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
             opts["sweep_dir"] = next(it)
         elif arg.startswith("--sweep-dir="):
             opts["sweep_dir"] = arg.split("=", 1)[1]
+        elif arg == "--parallel" or arg.startswith("--parallel="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                sys.exit(f"lpc.experiments.sweep: --parallel {value!r} is not allowed: a whole number >= 1")
+            opts["parallel"] = int(value)
         elif arg in ("-h", "--help"):
             print(__doc__)
             sys.exit(0)
@@ -101,9 +103,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
         else:
             rest.append(arg)
     if not opts["experiment"]:
-        sys.exit(
-            "lpc.experiments.sweep: experiment=NAME is required (conf/experiment/: table1, table2, codebook, noise, continuous, mixed)"
-        )
+        sys.exit(f"lpc.experiments.sweep: experiment=NAME is required, one of {', '.join(experiment_names())}")
     return opts, rest
 
 
@@ -127,42 +127,48 @@ def plan(opts: dict, extra: list[str]) -> dict:
     # (hydra.launcher.partition=gpu, as make reproduce-* ARGS=... documents) exist only in the second one.
     cfg = compose(base + [o for o in extra if not o.lstrip("+~").startswith("hydra.launcher.")])
     if "sweep" not in cfg:
-        sys.exit(f"lpc.experiments.sweep: experiment={opts['experiment']} has no `sweep` node (not a paper experiment)")
+        sys.exit(f"lpc.experiments.sweep: experiment={opts['experiment']} has no `sweep` node (not an experiment)")
     launcher = launcher or cfg.scale.launcher
     if launcher not in LAUNCHERS:
         sys.exit(f"lpc.experiments.sweep: launcher={launcher!r} is not allowed: one of {', '.join(LAUNCHERS)}")
     hydra_launcher = f"hydra/launcher={LAUNCHERS[launcher]}"
     cfg = compose(base + extra + [hydra_launcher])
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
-    grid, fixed = sweep["grid"], list(sweep.get("overrides") or [])
+    try:
+        parts, jobs = spec.groups(sweep), spec.jobs(sweep)
+    except ConfigError as err:
+        sys.exit(f"lpc.experiments.sweep: experiment={opts['experiment']}: {err}")
     sweep_dir = Path(opts["sweep_dir"] or Path("outputs") / "sweeps" / f"{cfg.sweep.name}-{opts['scale']}").resolve()
     with open_dict(cfg):  # what the multirun commands pass (so the launcher shows its real submitit folder)
         cfg.hydra.sweep.dir = str(sweep_dir)
-    jobs = []
-    for values in expand_grid(grid):
-        run_dir = sweep_dir / job_dirname(values)
-        jobs.append(
-            {"overrides": {k: fmt(v) for k, v in values.items()}, "dir": run_dir.name, "status": run_status(run_dir)}
-        )
-    task_extra = [o for o in extra if not o.startswith(("hydra.", "hydra/", "~hydra", "+hydra"))]
-    # Only the grid values name a run directory; experiment, scale and fixed/extra overrides do not.
-    exclude = ["experiment", "scale"] + [o.lstrip("+~").split("=", 1)[0] for o in fixed + task_extra]
-    if "codebook" in grid and "latent" not in grid:
-        exclude.append("latent")  # lpc-train adds the latent codebook=K|none implies; the grid names the run
+    for j in jobs:
+        j["status"] = run_status(sweep_dir / j["dir"])
     return {
         "experiment": opts["experiment"],
         "scale": opts["scale"],
         "launcher": launcher,
         "hydra_launcher": hydra_launcher,
         "sweep_dir": str(sweep_dir),
-        "grid": grid,
-        "fixed": fixed,
+        "grid": sweep.get("grid") or {},
+        "groups": parts,
+        "fixed": list(sweep.get("overrides") or []),
         "extra": extra,
-        "exclude_keys": exclude,
-        "task_extra": task_extra,
+        "task_extra": [o for o in extra if not o.startswith(("hydra.", "hydra/", "~hydra", "+hydra"))],
+        "steer": sweep.get("steer"),
         "jobs": jobs,
         "cfg": cfg,
     }
+
+
+def exclude_keys(p: dict, group: str | None) -> list[str]:
+    """The overrides that do not name a run directory: all but the grid values (experiment, scale, the fixed,
+    the group's and the command line's overrides)."""
+    part = p["groups"][group]
+    fixed = p["fixed"] + part["overrides"] + p["task_extra"]
+    exclude = ["experiment", "scale"] + [o.lstrip("+~").split("=", 1)[0] for o in fixed]
+    if "codebook" in part["grid"] and "latent" not in part["grid"]:
+        exclude.append("latent")  # lpc-train adds the latent codebook=K|none implies; the grid names the run
+    return exclude
 
 
 def plan_jobs(p: dict) -> tuple[list, list[str]]:
@@ -178,35 +184,55 @@ def plan_jobs(p: dict) -> tuple[list, list[str]]:
         if j["status"] == "completed":
             continue
         point = [f"{k}={v}" for k, v in j["overrides"].items()]
+        group = p["groups"][j["group"]]["overrides"]
         try:
-            plans.append(plan_one(compose(codebook_implies_latent(base + point)), overrides=point))
+            plans.append(plan_one(compose(codebook_implies_latent(base + group + point)), overrides=point))
         except PlanError as err:
             errors.append(f"{j['dir']}: {err}")
     return plans, errors
 
 
 def multirun_commands(p: dict) -> list[list[str]]:
-    todo = [{k: v for k, v in j["overrides"].items()} for j in p["jobs"] if j["status"] != "completed"]
-    keys = list(p["grid"])
-    # codebook=none (the baseline) and codebook=K select different latents: never in one multirun
-    baseline = [j for j in todo if str(j.get("codebook")).lower() in BASELINE]
+    """One ``lpc-train -m`` per Cartesian product of the runs still to do, group by group."""
     cmds = []
-    for prod in products(baseline, keys) + products([j for j in todo if j not in baseline], keys):
-        cmds.append(
-            [
-                *TRAIN,
-                "-m",
-                f"experiment={p['experiment']}",
-                f"scale={p['scale']}",
-                p["hydra_launcher"],
-                f"hydra.sweep.dir={p['sweep_dir']}",
-                "hydra.sweep.subdir=${hydra.job.override_dirname}",  # deterministic: a rerun finds its runs
-                f"hydra.job.config.override_dirname.exclude_keys=[{','.join(p['exclude_keys'])}]",
-                *p["fixed"],
-                *p["extra"],
-                *(f"{k}={sweep_value(v)}" for k, v in prod.items()),
-            ]
-        )
+    for group, part in p["groups"].items():
+        todo = [dict(j["overrides"]) for j in p["jobs"] if j["group"] == group and j["status"] != "completed"]
+        keys = list(part["grid"])
+        # codebook=none (the baseline) and codebook=K select different latents: never in one multirun
+        baseline = [j for j in todo if str(j.get("codebook")).lower() in BASELINE]
+        sweep_dir = Path(p["sweep_dir"]) / group if group else Path(p["sweep_dir"])
+        for prod in products(baseline, keys) + products([j for j in todo if j not in baseline], keys):
+            cmds.append(
+                [
+                    *TRAIN,
+                    "-m",
+                    f"experiment={p['experiment']}",
+                    f"scale={p['scale']}",
+                    p["hydra_launcher"],
+                    f"hydra.sweep.dir={sweep_dir}",
+                    "hydra.sweep.subdir=${hydra.job.override_dirname}",  # deterministic: a rerun finds its runs
+                    f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude_keys(p, group))}]",
+                    *p["fixed"],
+                    *part["overrides"],
+                    *p["extra"],
+                    *(f"{k}={sweep_value(v)}" for k, v in prod.items()),
+                ]
+            )
+    return cmds
+
+
+def steer_commands(p: dict) -> list[list[str]]:
+    """``lpc-steer RUN`` for every completed run ``sweep.steer.match`` selects that has no steering yet."""
+    steer = p["steer"]
+    if not steer:
+        return []
+    cmds = []
+    for j in p["jobs"]:
+        run_dir = Path(p["sweep_dir"]) / j["dir"]
+        if not spec.matches(j, steer.get("match") or {}) or run_status(run_dir) != "completed":
+            continue
+        if not (run_dir / rundir.ANALYSIS / "steering.json").exists():
+            cmds.append([*STEER, str(run_dir), *(steer.get("options") or [])])
     return cmds
 
 
@@ -219,15 +245,48 @@ def resolved(node):
 
 
 def write_manifest(p: dict) -> None:
-    manifest = {k: p[k] for k in ("experiment", "scale", "launcher", "grid", "fixed", "extra")}
+    manifest = {k: p[k] for k in ("experiment", "scale", "launcher", "grid", "fixed", "extra", "command")}
     manifest["grid_keys"] = list(p["grid"])  # the JSON is written with sorted keys; this keeps the grid's order
-    manifest["jobs"] = [{"overrides": j["overrides"], "dir": j["dir"]} for j in p["jobs"]]
+    manifest["groups"] = {str(g): part["overrides"] for g, part in p["groups"].items() if g}
+    manifest["jobs"] = [{"overrides": j["overrides"], "group": j["group"], "dir": j["dir"]} for j in p["jobs"]]
     atomic_write_json(Path(p["sweep_dir"]) / MANIFEST, manifest)
+
+
+def print_dry_run(p: dict, cmds: list[list[str]], plans: list) -> None:
+    from lpc.experiments.plan import format_sweep
+
+    print(f"\n# {p['hydra_launcher']}: composed hydra.launcher (sbatch parameters for slurm)")
+    print(OmegaConf.to_yaml(resolved(p["cfg"].hydra.launcher)), end="")
+    print(f"\n# jobs ({len(p['jobs'])}): status  run dir")
+    for j in p["jobs"]:
+        print(f"{j['status']:9s}  {j['dir']}")
+    print(f"\n# {len(cmds)} multirun command(s) it would run (each can be pasted into a shell):")
+    for c in cmds:
+        print(shlex.join(["lpc-train", *c[len(TRAIN) :]]))
+    if p["steer"]:
+        print(
+            f"\n# then lpc-steer RUN {' '.join(p['steer'].get('options') or [])} on the completed runs of {p['steer'].get('match')}"
+        )
+    if plans:
+        print(f"\n# lpc-plan, per GPU and per run, for the {len(plans)} job(s) still to run (docs/planning.md)")
+        print(format_sweep(plans))
+
+
+def run(cmds: list[list[str]], parallel: int = 1) -> int:
+    """Run the commands, ``parallel`` at a time (a failing one does not stop the others); the number that failed."""
+    failed, running = 0, []
+    for c in cmds:
+        if len(running) >= parallel:
+            failed += running.pop(0).wait() != 0
+        print("+", " ".join(c[1:]), flush=True)
+        running.append(subprocess.Popen(c))
+    return failed + sum(proc.wait() != 0 for proc in running)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts, extra = parse_args(list(sys.argv[1:] if argv is None else argv))
     p = plan(opts, extra)
+    p["command"] = shlex.join(["lpc-sweep", *(sys.argv[1:] if argv is None else argv)])  # quoted by the report
     counts = {s: sum(j["status"] == s for j in p["jobs"]) for s in ("completed", "failed", "missing")}
     print(f"sweep {p['experiment']} scale={p['scale']} launcher={p['launcher']} -> {p['sweep_dir']}")
     print(
@@ -242,17 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lpc-sweep: config error, this job will fail: {line}", file=sys.stderr)
     misfits = [q for q in plans if not q.fits]
     if opts["dry_run"]:
-        print(f"\n# {p['hydra_launcher']}: composed hydra.launcher (sbatch parameters for slurm)")
-        print(OmegaConf.to_yaml(resolved(p["cfg"].hydra.launcher)), end="")
-        print(f"\n# jobs ({len(p['jobs'])}): status  run dir")
-        for j in p["jobs"]:
-            print(f"{j['status']:9s}  {j['dir']}")
-        print(f"\n# {len(cmds)} multirun command(s) it would run (each can be pasted into a shell):")
-        for c in cmds:
-            print(shlex.join(["lpc-train", *c[len(TRAIN) :]]))
-        if plans:
-            print(f"\n# lpc-plan, per GPU and per run, for the {len(plans)} job(s) still to run (docs/planning.md)")
-            print(format_sweep(plans))
+        print_dry_run(p, cmds, plans)
         return 2 if misfits else 0
     if misfits:  # refused before anything is submitted
         print(format_sweep(misfits), file=sys.stderr)
@@ -264,11 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     Path(p["sweep_dir"]).mkdir(parents=True, exist_ok=True)
     write_manifest(p)
-    failed_calls = 0
-    for c in cmds:
-        print("+", " ".join(c[1:]), flush=True)
-        # A failing job makes Hydra's multirun exit non-zero after the other jobs ran; keep going.
-        failed_calls += subprocess.run(c).returncode != 0
+    # A failing job makes Hydra's multirun exit non-zero after the other jobs ran; keep going.
+    failed_calls = run(cmds, opts["parallel"]) + run(steer_commands(p), opts["parallel"])
     rc = 0
     if opts["report"]:
         from lpc.experiments.report import write_report

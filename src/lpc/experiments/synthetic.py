@@ -1,32 +1,25 @@
-"""Tables of the synthetic benchmark (docs/synthetic-benchmark.md) from finished runs.
+"""The synthetic benchmark's tables (``sweep.report.layout: settings`` of lpc-report; docs/synthetic-benchmark.md).
 
-    lpc-synthetic-report outputs/benchmark/synthetic            # every run below this directory
-    lpc-synthetic-report DIR --out docs/assets/synthetic-benchmark
-
-A run is a directory with a ``metrics.json`` of status ``completed`` and Hydra's ``.hydra/``. Runs that
-differ only in ``seed`` form one cell. A cell's data setting (model, LM learning rate, conflict, visibility,
-tag accuracy, label noise, flips, steps) and its method (algorithm, latent, and every ``latent.*`` / ``codebook``
-value that differs from today's defaults) are read from its composed config. Each cell gives the mean with a 95%
-t interval over seeds, the best achievable accuracy (the generator's Bayes ceiling), the paired
-difference to the same algorithm without a latent on the same seeds (same data) with a paired
-t-test, and the latent's diagnostics (z ablations, prior entropy, codes used, NMI beside its chance
-baseline). Writes ``benchmark.md`` and ``benchmark.json`` into ``--out`` (default: DIR).
+A completed run's data setting (model, LM learning rate, conflict, visibility, tag accuracy, label noise, flips,
+steps) and its method (algorithm, latent, and every ``latent.*`` / ``codebook`` value that differs from today's
+defaults) are read from its composed config; runs that differ only in ``seed`` form one cell. Each cell gives the
+mean with a 95% t interval over seeds, the best achievable accuracy (the generator's Bayes ceiling), the paired
+difference to the same algorithm without a latent on the same seeds (same data) with a paired t-test, and the
+latent's diagnostics (z ablations, prior entropy, codes used, NMI beside its chance baseline). The runs that
+``lpc-steer`` analysed add the type-steered generation table.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lpc.files import atomic_write_json, atomic_write_text
 from lpc.stats import fmt_mean_ci, paired_difference, summarize
 from lpc.training import rundir
 
-DATA_KEYS = ("n_types", "conflict", "visibility", "tag_accuracy", "label_noise", "flip", "flip_marker", "steps")
 METRICS = (
     "eval/pref_accuracy",
     "eval/ceiling",
@@ -105,11 +98,6 @@ def latent_options(cfg) -> list[str]:
     if name == "discrete" and cfg.codebook != default["codebook"]:
         opts.append(f"codebook={cfg.codebook}")
     return sorted(opts)
-
-
-def collect(root: str | Path) -> list[dict]:
-    runs = [read_run(p.parent) for p in sorted(Path(root).rglob("metrics.json"))]
-    return [r for r in runs if r is not None]
 
 
 def method_name(m: dict) -> str:
@@ -221,7 +209,7 @@ def steering_section(runs: list[dict]) -> str:
     their type's reward up from z = 0 (beyond both intervals)."""
     rows, n_abs, n_rel, n_spec = [], 0, 0, 0
     for r in runs:
-        path = Path(r["dir"]) / "analysis" / "steering.json"
+        path = Path(r["dir"]) / rundir.ANALYSIS / "steering.json"
         if not path.exists():
             continue
         st = json.loads(path.read_text())
@@ -268,27 +256,3 @@ def steering_section(runs: list[dict]) -> str:
             "",
         ]
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lpc-synthetic-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", help="directory holding the benchmark's runs (searched recursively)")
-    parser.add_argument("--out", default=None, help="where to write benchmark.md/.json (default: root)")
-    parser.add_argument("--command", default=None, help="the command that made the runs, quoted in benchmark.md")
-    args = parser.parse_args(argv)
-    runs = collect(args.root)
-    if not runs:
-        parser.error(f"no completed runs (metrics.json + .hydra/) under {args.root}")
-    out = Path(args.out or args.root)
-    rows = aggregate(runs)
-    tables = markdown_tables(rows) + steering_section(sorted(runs, key=lambda r: (setting_title(r["data"]), r["seed"])))
-    header = f"{len(runs)} completed runs" + (f", made by `{args.command}`" if args.command else "") + ".\n\n"
-    atomic_write_text(out / "benchmark.md", header + tables)
-    atomic_write_json(out / "benchmark.json", rows)
-    print(tables)
-    print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
