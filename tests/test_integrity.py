@@ -22,12 +22,15 @@ def test_repeat_rate_counts_repeated_trigrams():
 
 def test_codes_to_probe_orders_by_the_priors_use_then_index():
     class Discrete:
-        codebook_size = 5
+        num_codes = 5
+
+    class Continuous:
+        num_codes = 0
 
     pairs = {"prior_code": torch.tensor([3.0, 3.0, 1.0, 3.0, 1.0, 4.0])}
     assert codes_to_probe(pairs, Discrete(), 4) == [3, 1, 4, 0]
     assert codes_to_probe({}, Discrete(), 2) == [0, 1]
-    assert codes_to_probe(pairs, object(), 4) == []  # a continuous latent has no codes
+    assert codes_to_probe(pairs, Continuous(), 4) == []  # a continuous latent has no codes
 
 
 def test_eval_text_nll_is_minus_the_chosen_logps_per_token():
@@ -44,16 +47,17 @@ def test_eval_text_nll_is_minus_the_chosen_logps_per_token():
 
 
 class Bias(torch.nn.Module):
-    """A latent stand-in whose prior's z is a fixed vector (the probe only calls it in prior mode)."""
+    """A latent stand-in (``lpc.latent.Latent``'s interface, as far as the probe uses it) whose prior's z is a
+    fixed vector."""
 
-    z_positions = "response"
+    z_positions, z_injection, num_codes = "response", "head", 0
 
     def __init__(self, z):
         super().__init__()
         self.z = z
 
-    def forward(self, h_prompt, mode="prior"):
-        return type("Out", (), {"z": self.z.expand(h_prompt.shape[0], -1)})()
+    def prior_z(self, h_prompt, inference=None):
+        return self.z.expand(h_prompt.shape[0], -1)
 
 
 @pytest.fixture(scope="module")

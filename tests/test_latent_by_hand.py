@@ -77,6 +77,9 @@ def test_continuous_prior_z_mean_and_sample():
     torch.manual_seed(0)
     torch.testing.assert_close(lat.prior_z(H), scale * (MU_P + eps * torch.tensor([2.0, 1.0])))
     torch.testing.assert_close(lat.prior_z(H, inference="mean"), scale * MU_P.expand(2, 2))
+    assert lat.prior_probs(H) is None and lat.num_codes == 0 and ContinuousLatent.codes_in_config({}) == 0
+    with pytest.raises(ValueError, match="code=0 is not allowed: a continuous latent has no codes"):
+        lat.code_vector(0)
 
 
 def test_continuous_forward_in_training_by_hand():
@@ -144,16 +147,17 @@ KL_CAT = float((Q * (Q / P).log()).sum())  # 0.2 ln 0.4 + 0.6 ln 2.4 + 0.2 ln 0.
 
 def test_discrete_prior_z_expectation_argmax_and_sample():
     lat = discrete()
-    logits = lat.prior_logits(H)
-    torch.testing.assert_close(lat.prior_z(logits), (P @ E).expand(2, 2))  # (0.5 - 0.75, 0.5)
-    torch.testing.assert_close(lat.prior_z(logits, inference="argmax"), E[0].expand(2, 2))
+    torch.testing.assert_close(lat.prior_probs(H), P.expand(2, 3))
+    torch.testing.assert_close(lat.prior_z(H), (P @ E).expand(2, 2))  # (0.5 - 0.75, 0.5)
+    torch.testing.assert_close(lat.prior_z(H, inference="argmax"), E[0].expand(2, 2))
     torch.manual_seed(0)
-    z = lat.prior_z(logits, inference="sample")
+    z = lat.prior_z(H, inference="sample")
     assert all(any(torch.equal(row, e) for e in E) for row in z)  # a hard one-hot pick of a code
     with pytest.raises(ValueError, match="latent.inference must be one of"):
-        lat.prior_z(logits, inference="bogus")
+        lat.prior_z(H, inference="bogus")
     lat.inference = "argmax"
-    torch.testing.assert_close(lat.prior_z(logits), E[0].expand(2, 2))
+    torch.testing.assert_close(lat.prior_z(H), E[0].expand(2, 2))
+    assert lat.num_codes == 3 and DiscreteLatent.codes_in_config({"codebook_size": 3}) == 3
     assert lat.code_vector(0).tolist() == [1.0, 0.0] and lat.code_vector(2).tolist() == [-3.0, 0.0]
     with pytest.raises(ValueError, match=r"code must be in \[0, 2\], got 3"):
         lat.code_vector(3)

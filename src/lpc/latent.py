@@ -27,8 +27,10 @@ backbone) lets it grow at the paper's LM learning rates, where a multiple of 5e-
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -113,8 +115,23 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
 
-class _LatentBase(nn.Module):
-    """The options every latent has (the subclasses pass them through ``**common``):
+class Latent(nn.Module, abc.ABC):
+    """What every latent is to the rest of the package: the policy, the trainer, evaluation, generation and
+    steering use this interface and nothing else, so a new latent is a subclass here and a config file.
+
+    * ``kind`` (class attribute): what the latent is (``discrete``, ``continuous``); ``inference_modes`` the
+      values ``inference`` may take; ``name`` its config name.
+    * ``z_injection`` where z enters (``head``: the LM head's input; ``pre_norm``: the final norm's input) and
+      ``z_positions`` where (``response``: the scored positions; ``all``).
+    * ``prior_z(h_prompt, inference=None)``: z from the prior p(z | x) for the last prompt token's hidden state.
+    * code access, for latents made of a finite set of codes: ``num_codes`` (0: none), ``code_vector(k)``,
+      ``prior_probs(h_prompt)`` (p(code | x); None without codes), and ``codes_in_config(cfg)``, the number of
+      codes a saved ``latent.yaml`` describes, read before any weight loads.
+    * ``forward(h_prompt, h_chosen, h_rejected, progress, mode)`` -> :class:`LatentOutput`, ``calibrate``,
+      and what the trainer reads: ``kl_weight_at``, ``kl_free_bits``, ``lr``, ``head_lr``, ``lr_multiplier``,
+      ``head_parameters``, ``lm_kl_weight``.
+
+    The options every latent has (the subclasses pass them through ``**common``):
 
     ``kl_weight`` lambda; ``kl_warmup`` the fraction of training over which lambda rises from 0;
     ``kl_free_bits`` nats per pair charged no KL; ``posterior_input`` concat | diff | concat_diff;
@@ -125,6 +142,9 @@ class _LatentBase(nn.Module):
     reference; None: no gain, z is the code itself); ``lr`` the latent's absolute learning rate (None:
     the LM's x ``lr_multiplier``); ``head_lr`` the prior and posterior heads' (None: ``lr``'s); ``lm_kl_weight`` mu of a penalty mu x KL(pi(.|x,z) || pi(.|x,0)) per
     response token, read by the policy and the trainer (0: off)."""
+
+    kind: ClassVar[str]
+    inference_modes: ClassVar[tuple[str, ...]]
 
     def __init__(
         self,
@@ -210,9 +230,44 @@ class _LatentBase(nn.Module):
     def dtype(self):
         return next(self.parameters()).dtype
 
+    @abc.abstractmethod
+    def prior_z(self, h_prompt: torch.Tensor, inference: str | None = None) -> torch.Tensor:
+        """(B, d) z from the prior p(z | x) in the mode ``inference`` (None: ``self.inference``)."""
 
-class DiscreteLatent(_LatentBase):
+    def prior_probs(self, h_prompt: torch.Tensor) -> torch.Tensor | None:
+        """(B, K) the prior's probability of each code; None for a latent without codes."""
+        return None
+
+    @property
+    def num_codes(self) -> int:
+        """How many codes z is chosen from (0: z is not one of a finite set of codes)."""
+        return 0
+
+    def code_vector(self, k: int) -> torch.Tensor:
+        """(d,) the z of code ``k``."""
+        raise ValueError(f"code={k!r} is not allowed: a {self.kind} latent has no codes")
+
+    @classmethod
+    def codes_in_config(cls, cfg) -> int:
+        """``num_codes`` of the latent a saved config (``latent.yaml``) builds, without building it."""
+        return 0
+
+
+def all_inference_modes() -> tuple[str, ...]:
+    """Every latent's inference modes, for checks made before a checkpoint (and its latent's kind) is read."""
+    kinds, modes = list(Latent.__subclasses__()), []
+    while kinds:
+        cls = kinds.pop(0)
+        kinds += cls.__subclasses__()
+        modes += [m for m in getattr(cls, "inference_modes", ()) if m not in modes]
+    return tuple(modes)
+
+
+class DiscreteLatent(Latent):
     """K learned codes e_k in R^d; ``z = w E`` with Gumbel-softmax weights ``w``."""
+
+    kind = "discrete"
+    inference_modes = DISCRETE_INFERENCE
 
     def __init__(
         self,
@@ -264,6 +319,14 @@ class DiscreteLatent(_LatentBase):
         """The K vectors z is made of: the codebook through the gate."""
         return self.gated(self.codebook)
 
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size
+
+    @classmethod
+    def codes_in_config(cls, cfg) -> int:
+        return int(cfg["codebook_size"])
+
     def code_vector(self, k: int) -> torch.Tensor:
         if not 0 <= k < self.codebook_size:
             raise ValueError(f"code must be in [0, {self.codebook_size - 1}], got {k}")
@@ -275,7 +338,13 @@ class DiscreteLatent(_LatentBase):
     def _sample(self, logits, tau: float):
         return F.gumbel_softmax(logits, tau=tau, hard=self.hard) @ self.codes()
 
-    def prior_z(self, p_logits: torch.Tensor, inference: str | None = None) -> torch.Tensor:
+    def prior_z(self, h_prompt: torch.Tensor, inference: str | None = None) -> torch.Tensor:
+        return self._prior_z_of(self.prior_logits(h_prompt), inference)
+
+    def prior_probs(self, h_prompt: torch.Tensor) -> torch.Tensor:
+        return self.prior_logits(h_prompt).softmax(-1)
+
+    def _prior_z_of(self, p_logits: torch.Tensor, inference: str | None = None) -> torch.Tensor:
         mode = inference or self.inference
         if mode == "expectation":
             return p_logits.softmax(-1) @ self.codes()
@@ -308,7 +377,7 @@ class DiscreteLatent(_LatentBase):
             if g < 1:
                 z = z + (1.0 - g) * self._sample(q_logits, tau)
         elif mode == "prior":
-            g, z = 1.0, self.prior_z(p_logits)
+            g, z = 1.0, self._prior_z_of(p_logits)
             if q_logits is not None:
                 z_post = self.codes()[q_logits.argmax(-1)]
         else:
@@ -342,7 +411,7 @@ class DiscreteLatent(_LatentBase):
         )
 
 
-class ContinuousLatent(_LatentBase):
+class ContinuousLatent(Latent):
     """The rebuttal's continuous ablation: Gaussian prior/posterior heads (mean, log-variance),
     a reparameterised sample and the analytic Gaussian KL; z is injected like the discrete one.
 
@@ -353,6 +422,9 @@ class ContinuousLatent(_LatentBase):
     samples u ~ N(0, exp(init_logvar)) are not 0: only the gate (``gate_init=0``) makes z = 0 at step 0.
     A tiny initial variance (-8) made KL(q||p) = 0.5 e^8 |mu_q - mu_p|^2 at the start, so the posterior
     could carry nothing and z stayed at 0 (measured: z / hidden norm 0.001, no decision changed)."""
+
+    kind = "continuous"
+    inference_modes = CONTINUOUS_INFERENCE
 
     def __init__(
         self,
@@ -393,7 +465,7 @@ class ContinuousLatent(_LatentBase):
         """z per unit of u: z_scale through the gate."""
         return self.gated(self.z_scale)
 
-    def prior_z(self, h_prompt, inference: str | None = None):
+    def prior_z(self, h_prompt: torch.Tensor, inference: str | None = None) -> torch.Tensor:
         mu, logvar = self._params(self.prior, h_prompt)
         return self.scale() * (mu if (inference or self.inference) == "mean" else self._sample(mu, logvar))
 

@@ -25,6 +25,16 @@ class PolicyOutput(NamedTuple):
     z_kl: torch.Tensor | None = None  # (2B,) per row, sum over response tokens of KL(pi(.|z) || pi(.|z=0))
 
 
+def injection_of(latent) -> str:
+    """Where ``latent`` adds z (``Latent.z_injection``); a baseline (None) adds nothing, at the LM head."""
+    return "head" if latent is None else latent.z_injection
+
+
+def positions_of(latent) -> str:
+    """Where ``latent`` adds z (``Latent.z_positions``); a baseline (None) adds nothing, at the response."""
+    return "response" if latent is None else latent.z_positions
+
+
 def backbone_of(lm: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (``model.model`` for Llama/Mistral)."""
     return getattr(lm, lm.base_model_prefix)
@@ -136,7 +146,7 @@ def expected_hidden_norm(lm: nn.Module) -> float:
 
 
 class PreferenceModel(nn.Module):
-    """``lm`` is any ``*ForCausalLM``; ``latent`` is None (baseline) or an LPC latent module."""
+    """``lm`` is any ``*ForCausalLM``; ``latent`` is None (baseline) or a :class:`lpc.latent.Latent`."""
 
     def __init__(self, lm: nn.Module, latent: nn.Module | None = None, calibrate: bool = True):
         """``calibrate``: scale a freshly built latent to the backbone's hidden-state norm (a loaded
@@ -156,7 +166,7 @@ class PreferenceModel(nn.Module):
 
     def encode(self, batch: dict):
         """``(hidden, pre_norm)`` of one backbone pass; ``pre_norm`` only when z enters before the final norm."""
-        return encode(self.lm, batch, keep_pre_norm=getattr(self.latent, "z_injection", "head") == "pre_norm")
+        return encode(self.lm, batch, keep_pre_norm=injection_of(self.latent) == "pre_norm")
 
     def score(
         self,
@@ -170,8 +180,7 @@ class PreferenceModel(nn.Module):
         """Response log-probs given one z per pair (``(B, d)``, shared by y_w and y_l) or none."""
         if z is not None:
             z = torch.cat([z, z])
-        positions = getattr(self.latent, "z_positions", "response")
-        return response_logps(self.lm, hidden, batch, z, positions, pre_norm, with_logits, z_kl)
+        return response_logps(self.lm, hidden, batch, z, positions_of(self.latent), pre_norm, with_logits, z_kl)
 
     def forward(self, batch: dict, progress: float = 0.0, latent_mode: str = "train") -> PolicyOutput:
         hidden, pre_norm = self.encode(batch)

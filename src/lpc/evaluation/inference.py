@@ -35,7 +35,7 @@ def prior_z(latent, h_prompt: torch.Tensor) -> torch.Tensor | None:
     """z for each row from the prior p(z | x) in the latent's inference mode; None for a baseline."""
     if latent is None:
         return None
-    return latent(h_prompt, mode="prior").z
+    return latent.prior_z(h_prompt)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import torch
 
 from lpc.data import PairCollator, encode_prompt
 from lpc.evaluation.inference import left_pad, prompt_prior_z
-from lpc.policy import conditioned_on, hidden_states, response_logps
+from lpc.policy import conditioned_on, hidden_states, injection_of, positions_of, response_logps
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,12 @@ class LMProbe:
         hidden = hidden_states(lm, batch)
         if latent is not None:
             h_prompt = hidden[torch.arange(hidden.shape[0], device=device), batch["prompt_last"]]
-            zs = {**zs, "prior": latent(h_prompt, mode="prior").z}
+            zs = {**zs, "prior": latent.prior_z(h_prompt)}
         out = {}
         for name, z in zs.items():
             if z is not None and z.dim() == 1:
                 z = z.expand(hidden.shape[0], -1)
-            positions = getattr(latent, "z_positions", "response")
-            sums, counts = response_logps(lm, hidden, batch, z, positions)
+            sums, counts = response_logps(lm, hidden, batch, z, positions_of(latent))
             out[name] = float(-sums.sum() / counts.sum())
         return out
 
@@ -139,7 +138,7 @@ class LMProbe:
         device = next(lm.parameters()).device
         ids, mask = left_pad([r["prompt_input_ids"] for r in self.rows[:GENERATE]], self.pad_id, device)
         z = prompt_prior_z(lm, latent, ids, mask)
-        with conditioned_on(lm, z, getattr(latent, "z_injection", "head")):
+        with conditioned_on(lm, z, injection_of(latent)):
             out = lm.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -234,14 +233,14 @@ def eval_text_nll(pairs: dict) -> dict:
 
 def codes_to_probe(pairs: dict, latent, most: int) -> list[int]:
     """The codes the prior picks on the eval set, most used first, then the rest by index, ``most`` at most."""
-    if not hasattr(latent, "codebook_size"):
+    if latent is None or latent.num_codes == 0:
         return []
     picked = pairs.get("prior_code")
     order = []
     if picked is not None:
-        counts = torch.bincount(picked.long().reshape(-1), minlength=latent.codebook_size)
+        counts = torch.bincount(picked.long().reshape(-1), minlength=latent.num_codes)
         order = [int(k) for k in counts.argsort(descending=True, stable=True) if counts[k] > 0]
-    order += [k for k in range(latent.codebook_size) if k not in order]
+    order += [k for k in range(latent.num_codes) if k not in order]
     return order[:most]
 
 

@@ -29,8 +29,7 @@ from lpc.data import encode_prompt
 from lpc.errors import check_choice
 from lpc.evaluation import require_lm_eval
 from lpc.evaluation.inference import last_hidden, left_pad, prior_z, prompt_prior_z
-from lpc.latent import CONTINUOUS_INFERENCE, DISCRETE_INFERENCE
-from lpc.policy import conditioned_on, final_norm
+from lpc.policy import conditioned_on, final_norm, injection_of
 
 require_lm_eval()
 from lm_eval.api.registry import register_model  # noqa: E402
@@ -76,8 +75,7 @@ class LPCLM(HFLM):
         self.checkpoint = str(checkpoint) if checkpoint else None
         self._max_gen_toks = int(max_gen_toks)
         if self.latent is not None and latent_inference is not None:
-            allowed = DISCRETE_INFERENCE if self.latent.name == "discrete" else CONTINUOUS_INFERENCE
-            check_choice("latent_inference", latent_inference, allowed)
+            check_choice("latent_inference", latent_inference, self.latent.inference_modes)
             self.latent.inference = latent_inference
 
     @classmethod
@@ -166,7 +164,7 @@ class LPCLM(HFLM):
             ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pre_norm = None
-        if getattr(self.latent, "z_injection", "head") == "pre_norm":  # z enters before the final norm
+        if injection_of(self.latent) == "pre_norm":  # z enters before the final norm
             captured = {}
             handle = final_norm(self.model).register_forward_hook(lambda _m, a, _o: captured.__setitem__("pre", a[0]))
             try:
@@ -217,7 +215,7 @@ class LPCLM(HFLM):
             z = z.repeat_interleave(
                 generation_kwargs.get("num_beams", 1) * generation_kwargs.get("num_return_sequences", 1), 0
             )
-        with conditioned_on(self.model, z, at=getattr(self.latent, "z_injection", "head")):
+        with conditioned_on(self.model, z, at=injection_of(self.latent)):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:
