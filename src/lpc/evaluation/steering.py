@@ -62,12 +62,14 @@ def generate_with_z(
     max_new_tokens: int,
     temperature: float,
     seed: int,
+    chat_template: bool = False,
 ) -> list[list[str]]:
     """``samples`` sampled continuations of each prompt with a fixed z (``(d,)`` or None), batched by
-    prompt length so no padding enters the prompt (the prior and the policy see training's positions)."""
+    prompt length so no padding enters the prompt (the prior and the policy see training's positions).
+    ``chat_template``: wrap each prompt in the tokenizer's chat template, as a run trained in one saw it."""
     lm = model.lm
     device = next(lm.parameters()).device
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
@@ -103,13 +105,13 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def prior_code(model, tokenizer, prompts: list[str]) -> int:
+def prior_code(model, tokenizer, prompts: list[str], chat_template: bool = False) -> int:
     """The code the prior picks most often (argmax) for these prompts."""
     from lpc.policy import hidden_states
 
     votes: dict[int, int] = {}
     for p in prompts:
-        ids = torch.tensor([encode_prompt(tokenizer, p)], device=next(model.lm.parameters()).device)
+        ids = torch.tensor([encode_prompt(tokenizer, p, chat_template)], device=next(model.lm.parameters()).device)
         h = hidden_states(model.lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[:, -1]
         k = int(model.latent.prior_logits(h).argmax(-1))
         votes[k] = votes.get(k, 0) + 1
@@ -123,10 +125,12 @@ def steering_table(
     conflict: float,
     opts: SteeringOptions = SteeringOptions(),
     sources: list[str] | None = None,
+    chat_template: bool = False,
 ) -> dict:
     """Per code (and for z = 0): each type's mean reward on both prompt halves; per type: the code chosen
     on the first half and its rewards on the second, and the code the prior picks for prompts tagged with
-    the type's source (what a user gets by tagging a prompt)."""
+    the type's source (what a user gets by tagging a prompt). ``chat_template``: prompts in the tokenizer's
+    chat template (a run trained with ``data.chat_template=true``)."""
     latent = model.latent
     if latent is None or not hasattr(latent, "codebook_size"):
         raise SteeringError("type-steered generation needs an LPC run with a discrete latent (a codebook)")
@@ -136,7 +140,15 @@ def steering_table(
 
     def rewards(z):
         gen = generate_with_z(
-            model, tokenizer, texts_prompts, z, opts.samples, opts.max_new_tokens, opts.temperature, opts.seed
+            model,
+            tokenizer,
+            texts_prompts,
+            z,
+            opts.samples,
+            opts.max_new_tokens,
+            opts.temperature,
+            opts.seed,
+            chat_template,
         )
         # per prompt-half and type: the responses' rewards
         out = []
@@ -170,7 +182,7 @@ def steering_table(
     sources = list(sources or [f"source_{m}" for m in range(n_types)])
     result["prior_code"] = {}
     for m, src in enumerate(sources):
-        k = prior_code(model, tokenizer, [f"[{src}] {p}" for p in texts_prompts])
+        k = prior_code(model, tokenizer, [f"[{src}] {p}" for p in texts_prompts], chat_template)
         result["prior_code"][m] = {"source": src, "code": k, "report": result["rows"][f"code {k}"]["report"]}
     return result
 
@@ -248,7 +260,8 @@ def steer_run(path: Path, opts: dict) -> str:
     if cfg is None or cfg.data.get("name") != "synthetic":
         raise SteeringError(f"{path} was not trained on data=synthetic: no ground-truth type rewards to score with")
     sources = list(cfg.data.get("sources") or []) or None
-    result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), opts, sources)
+    chat = bool(cfg.data.get("chat_template", False))  # SmolLM2's tier trains in its chat template
+    result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), opts, sources, chat)
     run_dir = path.parent if path.name == "final" else path
     table = markdown(result)
     atomic_write_json(run_dir / "analysis" / "steering.json", result)
