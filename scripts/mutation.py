@@ -38,7 +38,7 @@ SCOPE = [
     # end through lpc-train in subprocesses, which mutmut cannot link to a function)
     *[f"lpc.latent.x_{f}__mutmut_*" for f in ("mixing_weight", "annealed_temperature", "kl_warmup_weight")],
     *[f"lpc.latent.x_{f}__mutmut_*" for f in ("categorical_kl", "gaussian_kl")],
-    *[f"lpc.latent.xǁ_LatentBaseǁ{f}__mutmut_*" for f in ("combine", "g", "kl_weight_at")],
+    *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("combine", "g", "kl_weight_at")],
     *[f"{_D}{f}__mutmut_*" for f in ("calibrate", "code_vector", "tau", "_sample", "prior_z", "prior_logits")],
     f"{_D}forward__mutmut_*",
     *[f"{_C}{f}__mutmut_*" for f in ("calibrate", "_params", "_sample", "prior_z", "forward")],

@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import lpc.adapters as adapters
 from lpc.config import fingerprint
-from lpc.files import atomic_write_json
 from lpc.policy import PreferenceModel
 from lpc.progress import phase, quiet_library_bars
 from lpc.training import rundir
@@ -318,12 +317,13 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> di
     with accelerator.main_process_first():  # rank 0 creates the W&B run id file, the others read it
         tracker = wandb_tracker(cfg, run_dir)
     trainer, tokenizer, data_stats = build_trainer(cfg, run_dir, accelerator, tracker, pairs)
+    run = rundir.RunDir.at(run_dir)
     from lpc.evaluation.analysis import final_analysis
 
     # Per-type accuracy, code usage, NMI/purity and the prior's t-SNE into metrics.json and run_dir/analysis/.
     trainer.step_hooks.extend(step_hooks)
     title = plot_title(cfg)
-    trainer.final_hooks.append(lambda t, pairs: final_analysis(t, run_dir / "analysis", pairs=pairs, title=title))
+    trainer.final_hooks.append(lambda t, pairs: final_analysis(t, run.analysis, pairs=pairs, title=title))
     # Is the policy still a language model? The initial LM (the reference) is measured now, before the first step
     # (on resume too: the checkpoint loads inside train()); generation is left out where the weights are sharded.
     from lpc.evaluation.integrity import LMProbe, lm_integrity
@@ -332,23 +332,19 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> di
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     reference = probe.measure_reference(accelerator.unwrap_model(trainer.model).lm, generate=not sharded)
     trainer.final_hooks.append(
-        lambda t, pairs: lm_integrity(t, run_dir / "analysis", probe, reference, pairs, generate=not sharded)
+        lambda t, pairs: lm_integrity(t, run.analysis, probe, reference, pairs, generate=not sharded)
     )
     metrics = trainer.train()
     metrics.update(data_stats)
     # Sharded weights (FSDP/ZeRO-3) are gathered by every rank, then rank 0 writes them.
     full_state = accelerator.get_state_dict(trainer.model) if sharded else None
     if trainer.accelerator.is_main_process:
-        with phase(f"export {run_dir / 'final'}", log):
+        with phase(f"export {run.final}", log):
             export_checkpoint(
-                trainer.accelerator.unwrap_model(trainer.model),
-                tokenizer,
-                cfg,
-                run_dir / "final",
-                state_dict=full_state,
+                trainer.accelerator.unwrap_model(trainer.model), tokenizer, cfg, run.final, state_dict=full_state
             )
         metrics["status"] = "completed"
-        atomic_write_json(run_dir / "metrics.json", metrics)  # last: its presence means the run finished
+        run.write_metrics(metrics)  # last: its presence means the run finished
         log.info(
             "final eval/pref_accuracy=%.4f eval/margin=%.4f (%d steps, %.1f s) -> %s",
             metrics["eval/pref_accuracy"],
@@ -361,6 +357,6 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> di
             from lpc.evaluation.harness import evaluate_checkpoint, load_eval_config
 
             # lm-eval benchmarks of the exported checkpoint; adds lm_eval/* keys to metrics.json.
-            metrics.update(evaluate_checkpoint(run_dir / "final", load_eval_config(cfg.eval)))
+            metrics.update(evaluate_checkpoint(run.path, load_eval_config(cfg.eval)))
     trainer.finish_tracking(metrics)  # the W&B run's summary holds every metrics.json key
     return metrics

@@ -1,5 +1,6 @@
 """Evaluation of trained policies: the LPC-conditioned policy (z from the prior) for lm-evaluation-harness,
-local tasks in the harness's format (``tasks/``), and generation exports (``lpc.evaluation.export``).
+local tasks in the harness's format (``tasks/``), generation exports (``lpc.evaluation.export``), and the
+commands' one ``RUN key=value`` parser (``lpc.evaluation.options``).
 
 Importing this package does not import lm-eval (an optional extra); :func:`require_lm_eval` gives the
 message to install it.
@@ -17,21 +18,13 @@ QUESTIONS_DIR = Path(__file__).resolve().parent / "questions"
 INSTALL_HINT = "pip install -e '.[eval]'  (or: pip install lm-eval)"
 
 
-def is_option(arg: str) -> bool:
-    """One convention for every post-training command (``lpc-generate``, ``lpc-evaluate``, ``lpc-export``,
-    ``lpc-steer``): ``RUN key=value ...``. An argument is an option when it has ``=`` and is not an existing
-    path, so run directories named by a sweep (``codebook=64,seed=0``) are read as the run."""
-    return "=" in arg and not Path(arg).exists()
-
-
 def runs_of(path: str | Path) -> list[Path]:
     """What a post-training command works on: ``path`` itself when it is a run directory or a checkpoint,
     else, for a sweep directory, each of its completed runs (a command then runs once per run)."""
     from lpc.training import rundir
 
     path = Path(path)
-    own = ("config.json", "adapter_config.json", rundir.FINAL, ".hydra", rundir.METRICS)
-    if any((path / name).exists() for name in own):
+    if rundir.is_model_dir(path) or any((path / name).exists() for name in (rundir.FINAL, ".hydra", rundir.METRICS)):
         return [path]
     runs = [d for d in rundir.run_dirs(path) if rundir.status(d) == "completed"]
     return runs or [path]  # neither: the command's own error names the path

@@ -17,7 +17,6 @@ CHECKPOINT may also be a sweep directory: one file per completed run, at each ru
 Without ``questions=``, tiny question files shipped in ``lpc/evaluation/questions/`` are used (for a
 smoke test). Every prompt is the conversation in the tokenizer's chat template with exactly one BOS
 (``lpc.data.encode_prompt``); LPC checkpoints generate with z from the prior of that prompt (``lpc.evaluation.generate``).
-Other options: max_new_tokens (default 512), greedy (default true), temperature, top_p, seed, limit, device.
 """
 
 from __future__ import annotations
@@ -29,14 +28,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-from omegaconf import OmegaConf
 
 from lpc.errors import ExportError  # noqa: F401  (raised here; defined with the others)
-from lpc.evaluation import QUESTIONS_DIR, is_option, runs_of
+from lpc.evaluation import QUESTIONS_DIR, runs_of
+from lpc.evaluation.options import option, parse_command, usage, wants_help
 from lpc.files import atomic_write_text
 from lpc.progress import tracked
+from lpc.training.checkpoint import load_checkpoint
+from lpc.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 FORMATS = ("alpaca_eval", "mt_bench")
@@ -48,17 +47,19 @@ DEFAULT_QUESTIONS = {
 
 @dataclass
 class ExportConfig:
-    format: str = "alpaca_eval"
-    questions: Optional[str] = None
-    out: Optional[str] = None
-    model_id: Optional[str] = None  # AlpacaEval's `generator`, FastChat's `model_id`; default: the run's name
-    max_new_tokens: int = 512
-    greedy: bool = True
-    temperature: float = 0.7  # used when greedy=false
-    top_p: float = 1.0
-    seed: int = 0
-    limit: Optional[int] = None  # first N questions only
-    device: Optional[str] = None
+    """The options of ``lpc-export``."""
+
+    format: str = option("alpaca_eval", "the answers file to write", choices=FORMATS)
+    questions: str | None = option(None, "the questions file; null: the tiny set shipped in lpc/evaluation/questions/")
+    out: str | None = option(None, "the answers file; null: under the run's eval/ (one per run of a sweep)")
+    model_id: str | None = option(None, "AlpacaEval's generator, FastChat's model_id; null: the run's name")
+    max_new_tokens: int = option(512, "tokens per answer", "an integer >= 1", lambda v: v >= 1)
+    greedy: bool = option(True, "greedy decoding (false: sampling at temperature, top_p)")
+    temperature: float = option(0.7, "sampling temperature, when greedy=false", "a number > 0", lambda v: v > 0)
+    top_p: float = option(1.0, "nucleus sampling, when greedy=false", "a number in (0, 1]", lambda v: 0 < v <= 1)
+    seed: int = option(0, "the sampling seed", "an integer >= 0", lambda v: v >= 0)
+    limit: int | None = option(None, "the first N questions only; null: all", "an integer >= 1", lambda v: v >= 1)
+    device: str | None = option(None, "null: cuda if available, else cpu")
 
 
 def load_questions(path: Path, fmt: str) -> list[dict]:
@@ -147,20 +148,17 @@ def export_mt_bench(model, tokenizer, rows: list[dict], model_id: str, cfg: Expo
 
 def export(checkpoint, cfg: ExportConfig, model=None, tokenizer=None) -> Path:
     """Write the answers file for ``cfg.format``; returns its path."""
-    from lpc.evaluation.harness import run_dir_of
-
     if cfg.format not in FORMATS:
         raise ExportError(f"format={cfg.format!r} is not allowed: one of {FORMATS}")
-    run_dir, model_dir = run_dir_of(Path(checkpoint))
+    run = RunDir.of(checkpoint)
+    run_dir, model_dir = run.path, run.require_model()
     questions = Path(cfg.questions) if cfg.questions else DEFAULT_QUESTIONS[cfg.format]
     if not questions.exists():
         raise ExportError(f"questions={questions}: no such file")
     rows = load_questions(questions, cfg.format)[: cfg.limit]
-    model_id = cfg.model_id or run_dir.name
+    model_id = cfg.model_id or run.name
     if model is None:
         import torch
-
-        from lpc.training.checkpoint import load_checkpoint
 
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer, _ = load_checkpoint(model_dir, device=device)
@@ -177,32 +175,19 @@ def export(checkpoint, cfg: ExportConfig, model=None, tokenizer=None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or is_option(argv[0]):
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from omegaconf.errors import OmegaConfBaseException
-
+    if not argv or wants_help(argv):
+        print(usage(ExportConfig, __doc__, "lpc-export", run="CHECKPOINT"))
+        return 0 if argv else 2
     from lpc.progress import quiet_library_bars
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")  # progress lines
     quiet_library_bars()
     try:
-        cfg = ExportConfig(
-            **OmegaConf.to_container(
-                OmegaConf.merge(OmegaConf.structured(ExportConfig), OmegaConf.from_dotlist(argv[1:]))
-            )
-        )
-        runs = runs_of(argv[0])  # a sweep directory: one answers file per completed run
+        path, cfg = parse_command(argv, ExportConfig, ExportError, run="CHECKPOINT")
+        runs = runs_of(path)  # a sweep directory: one answers file per completed run
         if len(runs) > 1 and cfg.out:
             raise ExportError(f"out={cfg.out}: a sweep has {len(runs)} runs; leave out= unset (one file per run)")
         paths = [export(run, cfg) for run in runs]
-    except OmegaConfBaseException as err:
-        print(
-            f"error: option {getattr(err, 'full_key', '?')!r}: {str(err).splitlines()[0]} "
-            f"(allowed: {', '.join(ExportConfig.__dataclass_fields__)})",
-            file=sys.stderr,
-        )
-        return 2
     except (ExportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,13 +1,13 @@
 """Generate from a trained checkpoint, with z from the prior or with a code the user picks.
 
-    lpc-generate CHECKPOINT prompt="..." [code=3] [max_new_tokens=64] [seed=0]
-                           [temperature=1.0] [top_p=1.0] [greedy=false] [inference=...]
+    lpc-generate CHECKPOINT prompt="..." [code=3] [max_new_tokens=64] [greedy=true] ...
 
-CHECKPOINT is a run directory or its ``final/``. For an LPC checkpoint, z is added to the LM head's
-input at every position (``lpc.policy.conditioned_on``): by default z comes from the prior p(z|x)
-computed from the prompt's last hidden state (the latent's configured inference mode, or
-``inference=``); ``code=k`` uses codebook row k instead, so one can see what a code does. A baseline
-checkpoint (no latent) just generates. Python use: ``generate(model, tokenizer, prompts, code=3)``.
+CHECKPOINT is a run directory, its ``final/`` or a checkpoint directory (``lpc.training.rundir.RunDir.of``).
+For an LPC checkpoint, z is added where the latent injects it (``Latent.z_injection``) at every position
+(``lpc.policy.conditioned_on``): by default z comes from the prior p(z|x) computed from the prompt's last
+hidden state (the latent's configured inference mode, or ``inference=``); ``code=k`` uses the latent's code k
+instead, so one can see what a code does. A baseline checkpoint (no latent) just generates. Python use:
+``generate(model, tokenizer, prompts, code=3)``.
 """
 
 from __future__ import annotations
@@ -20,40 +20,35 @@ import torch
 
 from lpc.data import encode_prompt
 from lpc.errors import GenerateError  # noqa: F401  (raised here; defined with the others)
-from lpc.evaluation import is_option
-from lpc.latent import CONTINUOUS_INFERENCE, DISCRETE_INFERENCE
-from lpc.policy import conditioned_on, hidden_states
+from lpc.evaluation.options import option, parse_command, usage, wants_help
+from lpc.latent import all_inference_modes
+from lpc.policy import conditioned_on, hidden_states, injection_of
+from lpc.training.checkpoint import load_checkpoint, saved_latent
+from lpc.training.rundir import RunDir
 
-USAGE = (
-    __doc__.split("\n\n")[1]
-    + """
-Arguments (key=value, like the training command's overrides):
-  prompt=TEXT           the prompt (repeat the key for several prompts); required
-  code=K                LPC discrete checkpoints only: use codebook row K (0 <= K < codebook size)
-  inference=MODE        z from the prior: expectation | argmax | sample (discrete), mean | sample (continuous);
-                        default: the checkpoint's latent.inference
-  max_new_tokens=N      default 64
-  seed=N                default 0; the same seed gives the same text
-  temperature=T         sampling temperature > 0, default 1.0
-  top_p=P               nucleus sampling, 0 < P <= 1, default 1.0
-  greedy=true|false     greedy decoding instead of sampling, default false
-  chat_template=auto|true|false   wrap the prompt in the tokenizer's chat template; auto (default) does so
-                        when the run trained with data.chat_template=true and the tokenizer has one
-  top_codes=N           how many of the prior's codes to print, default 5
-"""
-)
 
-DEFAULTS = {
-    "code": None,
-    "inference": None,
-    "max_new_tokens": 64,
-    "seed": 0,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "greedy": False,
-    "chat_template": "auto",
-    "top_codes": 5,
-}
+@dataclass
+class GenerateOptions:
+    """The options of ``lpc-generate``."""
+
+    prompt: list[str] = option([], "the prompt; repeat the key for several prompts (required)", repeat=True)
+    code: int | None = option(
+        None, "use code K of the latent as z instead of the prior's z", "an integer >= 0 (a code)", lambda v: v >= 0
+    )
+    inference: str | None = option(
+        None, "z from the prior in this mode (null: the checkpoint's latent.inference)", choices=all_inference_modes
+    )
+    max_new_tokens: int = option(64, "tokens to generate", "an integer >= 1", lambda v: v >= 1)
+    seed: int = option(0, "the same seed gives the same text", "an integer >= 0", lambda v: v >= 0)
+    temperature: float = option(1.0, "sampling temperature", "a number > 0", lambda v: v > 0)
+    top_p: float = option(1.0, "nucleus sampling", "a number in (0, 1]", lambda v: 0 < v <= 1)
+    greedy: bool = option(False, "greedy decoding instead of sampling")
+    chat_template: str = option(
+        "auto",
+        "wrap the prompt in the tokenizer's chat template; auto: as the run trained (data.chat_template)",
+        choices=("auto", "true", "false"),
+    )
+    top_codes: int = option(5, "how many of the prior's codes to print", "an integer >= 0", lambda v: v >= 0)
 
 
 @dataclass
@@ -73,30 +68,35 @@ class Generation:
 
 # ---------------------------------------------------------------------- the core (usable from Python)
 def check_code(latent, code: int | None) -> None:
-    """A clear error for ``code=`` on a checkpoint that has no codebook, or out of range."""
+    """A clear error for ``code=`` on a checkpoint whose latent has no codes, or out of range."""
     if code is None:
         return
     if latent is None:
         raise GenerateError(
-            "code= needs an LPC checkpoint with a discrete latent; this checkpoint has no latent "
+            "code= needs an LPC checkpoint with a latent made of codes; this checkpoint has no latent "
             "(a baseline run): drop code="
         )
-    if not hasattr(latent, "codebook_size"):
+    _check_code_range(code, latent.num_codes, latent.kind)
+
+
+def _check_code_range(code, num_codes: int, kind: str) -> None:
+    if num_codes == 0:
+        raise GenerateError(f"code= needs a latent made of codes; this checkpoint's latent is {kind!r}: drop code=")
+    if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code < num_codes:
         raise GenerateError(
-            f"code= needs a discrete latent (a codebook); this checkpoint's latent is "
-            f"{getattr(latent, 'name', type(latent).__name__)!r}: drop code="
+            f"code={code!r} is not allowed: an integer in [0, {num_codes - 1}] (this checkpoint has {num_codes} codes)"
         )
-    if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code < latent.codebook_size:
-        raise GenerateError(
-            f"code={code!r} is not allowed: an integer in [0, {latent.codebook_size - 1}] "
-            f"(this checkpoint has {latent.codebook_size} codes)"
-        )
+
+
+def _check_inference(mode: str, kind: str, allowed: tuple) -> None:
+    if mode not in allowed:
+        raise GenerateError(f"inference={mode!r} is not allowed for a {kind} latent: one of {allowed}")
 
 
 def latent_z(model, input_ids: torch.Tensor, code: int | None = None, inference: str | None = None):
     """``(z, prior_probs, z_source)`` for one encoded prompt (shape (1, T)).
 
-    z is codebook[code] if a code is given, else the prior's z from the hidden state at the prompt's
+    z is the latent's code ``code`` if one is given, else the prior's z from the hidden state at the prompt's
     last token (the position the prior reads in training). Baselines give ``(None, None, "none")``."""
     latent = model.latent
     check_code(latent, code)
@@ -105,14 +105,10 @@ def latent_z(model, input_ids: torch.Tensor, code: int | None = None, inference:
     if code is not None:
         return latent.code_vector(code), None, f"code {code}"
     mode = inference or latent.inference
-    allowed = DISCRETE_INFERENCE if hasattr(latent, "codebook_size") else CONTINUOUS_INFERENCE
-    if mode not in allowed:
-        raise GenerateError(f"inference={mode!r} is not allowed for a {latent.name} latent: one of {allowed}")
+    _check_inference(mode, latent.kind, latent.inference_modes)
     h_x = hidden_states(model.lm, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})[:, -1]
-    if hasattr(latent, "codebook_size"):
-        logits = latent.prior_logits(h_x)
-        return latent.prior_z(logits, mode)[0], logits.softmax(-1)[0].float(), f"prior ({mode})"
-    return latent.prior_z(h_x, mode)[0], None, f"prior ({mode})"
+    probs = latent.prior_probs(h_x)
+    return latent.prior_z(h_x, mode)[0], None if probs is None else probs[0].float(), f"prior ({mode})"
 
 
 @torch.no_grad()
@@ -148,7 +144,7 @@ def generate(
         for prompt in prompts:
             ids = torch.tensor([encode_prompt(tokenizer, prompt, chat_template)], device=device)
             z, probs, source = latent_z(model, ids, code, inference)
-            with conditioned_on(lm, z, at=getattr(model.latent, "z_injection", "head")):
+            with conditioned_on(lm, z, at=injection_of(model.latent)):
                 seq = lm.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -172,135 +168,66 @@ def generate(
 
 
 # ---------------------------------------------------------------------- the command
-def _parse_bool(key, value) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise GenerateError(f"{key}={value!r} is not allowed: true or false")
-
-
-def _parse_number(key, value, kind, ok, allowed):
-    try:
-        v = kind(value)
-    except ValueError:
-        raise GenerateError(f"{key}={value!r} is not allowed: {allowed}") from None
-    if not ok(v):
-        raise GenerateError(f"{key}={value!r} is not allowed: {allowed}")
-    return v
-
-
-def parse_args(argv: list[str]) -> tuple[Path, dict]:
+def parse_args(argv: list[str]) -> tuple[Path, GenerateOptions]:
     """``CHECKPOINT key=value ...`` -> (path, options); every check that needs no model runs here."""
-    positional = [a for a in argv if not is_option(a)]
-    if len(positional) != 1:
-        raise GenerateError(f"expected exactly one CHECKPOINT (a run directory or its final/), got {positional}")
-    opts, prompts = dict(DEFAULTS), []
-    for arg in argv:
-        if not is_option(arg):
-            continue
-        key, value = arg.lstrip("+").split("=", 1)
-        if key == "prompt":
-            prompts.append(value)
-        elif key == "code":
-            opts["code"] = _parse_number(key, value, int, lambda v: v >= 0, "an integer >= 0 (a codebook row)")
-        elif key == "max_new_tokens":
-            opts[key] = _parse_number(key, value, int, lambda v: v >= 1, "an integer >= 1")
-        elif key in ("seed", "top_codes"):
-            opts[key] = _parse_number(key, value, int, lambda v: v >= 0, "an integer >= 0")
-        elif key == "temperature":
-            opts[key] = _parse_number(key, value, float, lambda v: v > 0, "a number > 0")
-        elif key == "top_p":
-            opts[key] = _parse_number(key, value, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-        elif key == "greedy":
-            opts[key] = _parse_bool(key, value)
-        elif key == "chat_template":
-            opts[key] = value.lower() if value.lower() == "auto" else _parse_bool(key, value)
-        elif key == "inference":
-            allowed = tuple(dict.fromkeys(DISCRETE_INFERENCE + CONTINUOUS_INFERENCE))
-            if value not in allowed:
-                raise GenerateError(f"inference={value!r} is not allowed: one of {allowed}")
-            opts[key] = value
-        else:
-            raise GenerateError(f"unknown argument {key!r}; allowed: prompt, {', '.join(DEFAULTS)}")
-    if not prompts:
+    path, opts = parse_command(argv, GenerateOptions, GenerateError, run="CHECKPOINT")
+    if not opts.prompt:
         raise GenerateError('prompt= is required, e.g. prompt="Explain the rules of chess."')
-    opts["prompts"] = prompts
-    return Path(positional[0]), opts
+    return path, opts
 
 
-def check_checkpoint(path: Path, opts: dict) -> None:
-    """Checks against the checkpoint's small config files, before its weights load."""
-    from omegaconf import OmegaConf
-
-    from lpc.training.checkpoint import LATENT_CONFIG, is_checkpoint
-
-    final = path / "final" if (path / "final").is_dir() else path
-    if not is_checkpoint(final):
-        raise GenerateError(
-            f"{path} is not a checkpoint (no config.json or adapter_config.json): pass a run directory or its "
-            "final/ folder"
-        )
-    latent_cfg = OmegaConf.load(final / LATENT_CONFIG) if (final / LATENT_CONFIG).exists() else None
-    name = latent_cfg.get("name") if latent_cfg is not None else "none"
-    if opts["code"] is not None:
-        if latent_cfg is None:
-            raise GenerateError(
-                "code= needs an LPC checkpoint with a discrete latent; this checkpoint has no latent "
-                "(a baseline run): drop code="
-            )
-        if "codebook_size" not in latent_cfg:
-            raise GenerateError(f"code= needs a discrete latent (a codebook); this checkpoint's latent is {name!r}")
-        k = latent_cfg.codebook_size
-        if opts["code"] >= k:
-            raise GenerateError(
-                f"code={opts['code']} is not allowed: an integer in [0, {k - 1}] (this checkpoint has {k} codes)"
-            )
-    if opts["inference"] is not None:
-        allowed = {"discrete": DISCRETE_INFERENCE, "continuous": CONTINUOUS_INFERENCE}.get(name)
-        if allowed is None:
-            raise GenerateError("inference= needs an LPC checkpoint; this checkpoint has no latent (a baseline run)")
-        if opts["inference"] not in allowed:
-            raise GenerateError(f"inference={opts['inference']!r} is not allowed for a {name} latent: one of {allowed}")
+def check_checkpoint(path: Path, opts: GenerateOptions) -> Path:
+    """The checkpoint's model directory, checked against its small config files before its weights load."""
+    try:
+        model_dir = RunDir.of(path).require_model()
+    except FileNotFoundError as err:
+        raise GenerateError(str(err)) from None
+    saved = saved_latent(model_dir)
+    if saved is None and (opts.code is not None or opts.inference is not None):
+        key = "code" if opts.code is not None else "inference"
+        raise GenerateError(f"{key}= needs an LPC checkpoint; this checkpoint has no latent (a baseline run)")
+    if saved is not None:
+        cls, latent_cfg = saved
+        if opts.code is not None:
+            _check_code_range(opts.code, cls.codes_in_config(latent_cfg), cls.kind)
+        if opts.inference is not None:
+            _check_inference(opts.inference, cls.kind, cls.inference_modes)
+    return model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE)
+    if not argv or wants_help(argv):
+        print(usage(GenerateOptions, __doc__, "lpc-generate", run="CHECKPOINT"))
         return 0 if argv else 2
     try:
         path, opts = parse_args(argv)
-        check_checkpoint(path, opts)
+        model_dir = check_checkpoint(path, opts)
     except GenerateError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    from lpc.training.checkpoint import load_checkpoint
-
-    model, tokenizer, cfg = load_checkpoint(path)
-    chat = opts["chat_template"]
-    if chat == "auto":
-        chat = bool(cfg is not None and cfg.get("data", {}).get("chat_template", False))
-    chat = bool(chat and tokenizer.chat_template)
+    model, tokenizer, cfg = load_checkpoint(model_dir)
+    chat = opts.chat_template == "true" or (
+        opts.chat_template == "auto" and bool(cfg is not None and cfg.get("data", {}).get("chat_template", False))
+    )
     results = generate(
         model,
         tokenizer,
-        opts["prompts"],
-        code=opts["code"],
-        max_new_tokens=opts["max_new_tokens"],
-        seed=opts["seed"],
-        temperature=opts["temperature"],
-        top_p=opts["top_p"],
-        greedy=opts["greedy"],
-        chat_template=chat,
-        inference=opts["inference"],
+        opts.prompt,
+        code=opts.code,
+        max_new_tokens=opts.max_new_tokens,
+        seed=opts.seed,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        greedy=opts.greedy,
+        chat_template=bool(chat and tokenizer.chat_template),
+        inference=opts.inference,
     )
     for r in results:
         print(f"### prompt: {r.prompt}")
         print(f"### z: {r.z_source}")
-        if r.prior_probs is not None and opts["top_codes"] > 0:
-            codes = ", ".join(f"{k}: {p:.3f}" for k, p in r.top_codes(opts["top_codes"]))
+        if r.prior_probs is not None and opts.top_codes > 0:
+            codes = ", ".join(f"{k}: {p:.3f}" for k, p in r.top_codes(opts.top_codes))
             print(f"### prior p(z|x), top codes: {codes}")
         print(r.text)
     return 0

@@ -17,16 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from lpc.evaluation import TASKS_DIR, is_option, require_lm_eval
-from lpc.files import atomic_write_json, atomic_write_text
+from lpc.errors import ConfigError
+from lpc.evaluation import TASKS_DIR, MissingExtra, require_lm_eval, runs_of
+from lpc.evaluation.options import option, options_from, parse_command, usage, wants_help
+from lpc.files import atomic_write_text
+from lpc.latent import all_inference_modes
+from lpc.training.rundir import RunDir
 
 log = logging.getLogger("lpc.evaluation.harness")
+PREFIX = "eval."  # lpc-evaluate's options are the training config's eval node: one name for both
 
 # The paper's metric per task family (arXiv 2505.04993 and its rebuttal): "metric,filter" in lm-eval's naming.
 PAPER_METRICS = {
@@ -46,57 +50,39 @@ TASK_ALIASES = {
 
 @dataclass
 class EvalConfig:
-    """The options of ``lpc-evaluate`` and of the ``eval`` node of the training config."""
+    """The options of ``lpc-evaluate`` and of the ``eval`` node of the training config (named ``eval.<key>``
+    in both)."""
 
-    tasks: Any = field(default_factory=list)  # list or comma-separated names; aliases: paper, paper_local, local
-    limit: Optional[float] = None  # examples per task (< 1: a fraction); null = all
-    batch_size: int = 8
-    num_fewshot: Optional[int] = None  # null: each task's own default
-    max_gen_toks: int = 256  # cap for tasks that do not set their own
-    latent_inference: Optional[str] = None  # null: the checkpoint's latent.inference (expectation by default)
-    apply_chat_template: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
-    device: Optional[str] = None  # null: cuda if available, else cpu
-    dtype: Optional[str] = None  # null/auto: the checkpoint's; float32 | bfloat16 | float16
-    bootstrap_iters: int = 1000  # lm-eval's stderr bootstrap for non-mean aggregations
-    seed: int = 1234
-    metrics_file: Optional[str] = None  # null: the run's metrics.json
+    tasks: list[str] = option([], "lm-eval task names or aliases (local, paper_local, paper); required", sep=",")
+    limit: float | None = option(
+        None, "examples per task (< 1: a fraction); null: all", "a number > 0", lambda v: v > 0
+    )
+    batch_size: int = option(8, "requests per forward pass", "an integer >= 1", lambda v: v >= 1)
+    num_fewshot: int | None = option(
+        None, "few-shot examples; null: each task's own", "an integer >= 0", lambda v: v >= 0
+    )
+    max_gen_toks: int = option(256, "cap for tasks that do not set their own", "an integer >= 1", lambda v: v >= 1)
+    latent_inference: str | None = option(
+        None, "z from the prior in this mode; null: the checkpoint's latent.inference", choices=all_inference_modes
+    )
+    apply_chat_template: bool = option(False, "wrap prompts in the tokenizer's chat template (instruct models)")
+    device: str | None = option(None, "null: cuda if available, else cpu")
+    dtype: str | None = option(
+        None, "null or auto: the checkpoint's", choices=("auto", "float32", "bfloat16", "float16")
+    )
+    bootstrap_iters: int = option(1000, "lm-eval's stderr bootstrap", "an integer >= 0", lambda v: v >= 0)
+    seed: int = option(1234, "every random seed of lm-eval")
+    metrics_file: str | None = option(None, "where the metrics are merged; null: the run's metrics.json")
 
 
-def load_eval_config(node=None, dotlist: list[str] | None = None) -> EvalConfig:
-    """Merge a config node and/or ``key=value`` strings onto the defaults; bad keys/values raise ConfigError."""
-    from omegaconf.errors import OmegaConfBaseException
+def load_eval_config(node=None) -> EvalConfig:
+    """The training config's ``eval`` node as options; a bad key or value raises ConfigError naming it."""
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+    return expand_tasks(options_from(EvalConfig, values, ConfigError, prefix=PREFIX))
 
-    from lpc.errors import ConfigError
 
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(EvalConfig),
-            node if node is not None else {},
-            OmegaConf.from_dotlist(list(dotlist or [])),
-        )
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(
-            f"eval option {key!r}: {str(err).splitlines()[0]} "
-            f"(allowed keys: {', '.join(EvalConfig.__dataclass_fields__)})"
-        ) from None
-    cfg = EvalConfig(**OmegaConf.to_container(merged))
+def expand_tasks(cfg: EvalConfig) -> EvalConfig:
     cfg.tasks = parse_tasks(cfg.tasks)
-    checks = [
-        (cfg.limit is None or cfg.limit > 0, "limit", "a number > 0 (< 1: a fraction of each task) or null"),
-        (cfg.batch_size >= 1, "batch_size", "an integer >= 1"),
-        (cfg.num_fewshot is None or cfg.num_fewshot >= 0, "num_fewshot", "an integer >= 0 or null"),
-        (cfg.max_gen_toks >= 1, "max_gen_toks", "an integer >= 1"),
-        (cfg.dtype in (None, "auto", "float32", "bfloat16", "float16"), "dtype", "auto, float32, bfloat16 or float16"),
-        (
-            cfg.latent_inference in (None, "expectation", "argmax", "sample", "mean"),
-            "latent_inference",
-            "expectation | argmax | sample (discrete), mean | sample (continuous), or null",
-        ),
-    ]
-    for ok, key, allowed in checks:
-        if not ok:
-            raise ConfigError(f"eval.{key}={getattr(cfg, key)!r} is not allowed: {allowed}")
     return cfg
 
 
@@ -104,7 +90,6 @@ def check_eval_node(node) -> None:
     """Config-time check of the training config's ``eval`` node (before any model loads): option types and
     values, ``*_local`` task names, lm-eval installed. Hub task names are checked when the evaluation starts
     (lm-eval's task index takes ~15 s to build)."""
-    from lpc.errors import ConfigError
     from lpc.evaluation import MissingExtra
 
     cfg = load_eval_config(node)
@@ -140,8 +125,6 @@ def task_manager(tasks: list[str]):
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=need_hub)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        from lpc.errors import ConfigError
-
         raise ConfigError(
             f"tasks: unknown lm-eval task(s) {unknown}; local tasks: {sorted(local_task_names())}, "
             f"aliases: {sorted(TASK_ALIASES)}, or any lm-eval task name"
@@ -182,24 +165,6 @@ def paper_metrics(flat: dict[str, float]) -> dict[str, float]:
     return keep
 
 
-def run_dir_of(checkpoint: Path) -> tuple[Path, Path]:
-    """``(run_dir, model_dir)`` for a run directory, its ``final/``, or a bare checkpoint directory."""
-    checkpoint = Path(checkpoint)
-    if (checkpoint / "final").is_dir():
-        return checkpoint, checkpoint / "final"
-    if checkpoint.name == "final":
-        return checkpoint.parent, checkpoint
-    return checkpoint, checkpoint
-
-
-def merge_metrics(path: Path, new: dict) -> dict:
-    """Add ``new`` to the JSON object at ``path`` (kept keys stay), written atomically."""
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old.update(new)
-    atomic_write_json(path, old)
-    return old
-
-
 def evaluate_checkpoint(checkpoint, cfg: EvalConfig, model=None, tokenizer=None) -> dict[str, float]:
     """Run lm-eval on ``checkpoint`` (or on an already loaded ``model``/``tokenizer``, e.g. at the end of
     training); merge the metrics into the run's metrics.json and return them."""
@@ -210,7 +175,8 @@ def evaluate_checkpoint(checkpoint, cfg: EvalConfig, model=None, tokenizer=None)
 
     from lpc.evaluation.lm_eval_model import LPCLM, load_for_eval
 
-    run_dir, model_dir = run_dir_of(checkpoint)
+    run = RunDir.of(checkpoint)
+    model_dir = run.require_model()
     tm = task_manager(cfg.tasks)  # before loading the model: unknown tasks fail fast
     if model is None:
         model, tokenizer, _ = load_for_eval(model_dir, cfg.device, cfg.dtype)
@@ -248,37 +214,39 @@ def evaluate_checkpoint(checkpoint, cfg: EvalConfig, model=None, tokenizer=None)
     print(make_table(results))
     flat = flatten_results(results)
     atomic_write_text(
-        run_dir / "eval" / "lm_eval_results.json", json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
+        run.path / "eval" / "lm_eval_results.json",
+        json.dumps(results, indent=2, default=handle_non_serializable) + "\n",
     )
-    merge_metrics(Path(cfg.metrics_file) if cfg.metrics_file else run_dir / "metrics.json", flat)
+    run.merge_metrics(flat, cfg.metrics_file)
     return flat
+
+
+def _parse(argv: list[str]) -> tuple[list[Path], EvalConfig]:
+    """The runs (each completed run of a sweep directory) and the options; ConfigError or MissingExtra when
+    they cannot be evaluated, before any model loads."""
+    path, cfg = parse_command(argv, EvalConfig, ConfigError, run="CHECKPOINT", prefix=PREFIX)
+    cfg = expand_tasks(cfg)
+    if not cfg.tasks:
+        raise ConfigError("tasks: give at least one task, e.g. tasks=local (= " + ",".join(TASK_ALIASES["local"]) + ")")
+    runs = runs_of(path)
+    for checkpoint in runs:
+        if not RunDir.of(checkpoint).has_model():
+            raise ConfigError(
+                f"CHECKPOINT={checkpoint}: not a run directory, a checkpoint or a sweep with completed runs "
+                "(no config.json or adapter_config.json)"
+            )
+    require_lm_eval()
+    return runs, cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
-    if not argv or argv[0] in ("-h", "--help") or is_option(argv[0]):
-        print(__doc__.strip() + "\n\noptions (key=value): " + ", ".join(EvalConfig.__dataclass_fields__))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from lpc.errors import ConfigError
-    from lpc.evaluation import MissingExtra, runs_of
-
-    runs, options = runs_of(argv[0]), argv[1:]
+    if not argv or wants_help(argv):
+        print(usage(EvalConfig, __doc__, "lpc-evaluate", run="CHECKPOINT", prefix=PREFIX))
+        return 0 if argv else 2
     try:
-        cfg = load_eval_config(dotlist=options)
-        if not cfg.tasks:
-            raise ConfigError(
-                "tasks: give at least one task, e.g. tasks=local (= " + ",".join(TASK_ALIASES["local"]) + ")"
-            )
-        from lpc.training.checkpoint import is_checkpoint
-
-        for checkpoint in runs:
-            if not is_checkpoint(run_dir_of(checkpoint)[1]):
-                raise ConfigError(
-                    f"CHECKPOINT={checkpoint}: not a run directory, a checkpoint or a sweep with completed runs "
-                    "(no config.json or adapter_config.json)"
-                )
-        require_lm_eval()
+        runs, cfg = _parse(argv)
     except (ConfigError, MissingExtra) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import torch
 from huggingface_hub import ModelHubMixin
 
 from lpc.training.checkpoint import export_checkpoint, load_checkpoint
+from lpc.training.rundir import RunDir
 
 
 class LPCPolicy(ModelHubMixin, library_name="lpc", tags=["latent-preference-coding", "preference-optimization"]):
@@ -58,9 +59,9 @@ class LPCPolicy(ModelHubMixin, library_name="lpc", tags=["latent-preference-codi
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> LPCPolicy:
         """A run directory (its ``final/``), a checkpoint folder, or a hub repo id; ``device=`` and ``dtype=``
         go to the loader. ``huggingface_hub``'s keyword arguments (``revision``, ``token``, ...) work too."""
-        path = Path(str(pretrained_model_name_or_path)).expanduser()
-        if (path / "final").is_dir():
-            pretrained_model_name_or_path = path / "final"
+        run = RunDir.of(str(pretrained_model_name_or_path))
+        if run.has_model():  # a local run or checkpoint: its model directory; else a hub repo id
+            pretrained_model_name_or_path = run.model_dir
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:

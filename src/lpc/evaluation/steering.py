@@ -1,11 +1,10 @@
 """Type-steered generation: does a code make the policy write what one annotator type wants?
 
-    lpc-steer RUN [prompts=32] [samples=4] [max_new_tokens=16] [seed=0]
+    lpc-steer RUN [prompts=32] [samples=4] [max_new_tokens=16] [seed=0] [temperature=1.0]
 
-RUN is a run directory (or its ``final/``; a sweep directory: each completed run) of an LPC model trained on
-``data=synthetic``, whose
-generator gives every type's ground-truth reward of any text (``lpc.data.synthetic.type_rewards``).
-For every code k, the policy generates ``samples`` responses to each of ``prompts`` untagged prompts
+RUN is a run directory (its ``final/``, a checkpoint directory; a sweep directory: each completed run) of an LPC
+model trained on ``data=synthetic``, whose generator gives every type's ground-truth reward of any text
+(``lpc.data.synthetic.type_rewards``). For every code k, the policy generates ``samples`` responses to each of ``prompts`` untagged prompts
 with z = e_k (so only the code, not a source tag, can steer it), and every response is scored by every
 type's reward. A working LPC has codes that specialise: code k raises type m's reward. DPO has no code
 and cannot be steered at all; its row is the model with z = 0 (and the prior's z, for reference).
@@ -17,7 +16,6 @@ second half, so picking the best of K codes does not select noise. Writes ``stee
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -28,28 +26,38 @@ import torch
 from lpc.data import encode_prompt
 from lpc.data.synthetic import TOPICS, VERBS, type_rewards
 from lpc.errors import SteeringError  # noqa: F401  (raised here; defined with the others)
-from lpc.evaluation import is_option, runs_of
-from lpc.policy import conditioned_on
+from lpc.evaluation import runs_of
+from lpc.evaluation.options import option, parse_command, usage, wants_help
+from lpc.policy import conditioned_on, hidden_states, injection_of
+from lpc.training.checkpoint import load_checkpoint
+from lpc.training.rundir import RunDir
+
+PROMPT_GRID = [f"Please {v} {t}." for t in TOPICS for v in VERBS]  # every untagged prompt the generator makes
+PROMPTS_ALLOWED = f"an integer in [2, {len(PROMPT_GRID)}]"
 
 
 @dataclass(frozen=True)
 class SteeringOptions:
-    """What ``lpc-steer`` samples: ``prompts`` untagged prompts x ``samples`` responses of ``max_new_tokens``."""
+    """The options of ``lpc-steer``: ``prompts`` untagged prompts x ``samples`` responses of ``max_new_tokens``."""
 
-    prompts: int = 32
-    samples: int = 4
-    max_new_tokens: int = 16
-    seed: int = 0
-    temperature: float = 1.0
+    prompts: int = option(
+        32,
+        "untagged prompts (half choose each type's best code, half report it)",
+        PROMPTS_ALLOWED,
+        lambda v: 2 <= v <= len(PROMPT_GRID),
+    )
+    samples: int = option(4, "sampled responses per prompt and code", "an integer >= 1", lambda v: v >= 1)
+    max_new_tokens: int = option(16, "tokens per response", "an integer >= 1", lambda v: v >= 1)
+    seed: int = option(0, "the prompts' order and the sampling", "an integer >= 0", lambda v: v >= 0)
+    temperature: float = option(1.0, "sampling temperature", "a number > 0", lambda v: v > 0)
 
 
 def steering_prompts(n: int, seed: int) -> list[str]:
     """``n`` distinct untagged prompts in the generator's format, in a seeded order."""
     g = torch.Generator().manual_seed(seed)
-    grid = [f"Please {v} {t}." for t in TOPICS for v in VERBS]
-    if not 2 <= n <= len(grid):
-        raise SteeringError(f"prompts={n} is not allowed: an integer in [2, {len(grid)}]")
-    return [grid[i] for i in torch.randperm(len(grid), generator=g)[:n].tolist()]
+    if not 2 <= n <= len(PROMPT_GRID):
+        raise SteeringError(f"prompts={n} is not allowed: {PROMPTS_ALLOWED}")
+    return [PROMPT_GRID[i] for i in torch.randperm(len(PROMPT_GRID), generator=g)[:n].tolist()]
 
 
 @torch.no_grad()
@@ -79,7 +87,7 @@ def generate_with_z(
         torch.manual_seed(seed)
         for _, idx in sorted(by_len.items()):
             ids = torch.tensor([encoded[i] for i in idx for _ in range(samples)], device=device)
-            with conditioned_on(lm, z, at=getattr(model.latent, "z_injection", "head")):
+            with conditioned_on(lm, z, at=injection_of(model.latent)):
                 seq = lm.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -107,13 +115,11 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
 @torch.no_grad()
 def prior_code(model, tokenizer, prompts: list[str], chat_template: bool = False) -> int:
     """The code the prior picks most often (argmax) for these prompts."""
-    from lpc.policy import hidden_states
-
     votes: dict[int, int] = {}
     for p in prompts:
         ids = torch.tensor([encode_prompt(tokenizer, p, chat_template)], device=next(model.lm.parameters()).device)
         h = hidden_states(model.lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[:, -1]
-        k = int(model.latent.prior_logits(h).argmax(-1))
+        k = int(model.latent.prior_probs(h).argmax(-1))
         votes[k] = votes.get(k, 0) + 1
     return max(votes, key=votes.get)
 
@@ -132,8 +138,10 @@ def steering_table(
     the type's source (what a user gets by tagging a prompt). ``chat_template``: prompts in the tokenizer's
     chat template (a run trained with ``data.chat_template=true``)."""
     latent = model.latent
-    if latent is None or not hasattr(latent, "codebook_size"):
-        raise SteeringError("type-steered generation needs an LPC run with a discrete latent (a codebook)")
+    if latent is None or latent.num_codes == 0:
+        raise SteeringError(
+            "type-steered generation needs an LPC run whose latent is made of codes (a discrete latent)"
+        )
     model.eval()
     texts_prompts = steering_prompts(opts.prompts, opts.seed)
     half = len(texts_prompts) // 2
@@ -162,7 +170,7 @@ def steering_table(
         return out
 
     rows = {}
-    for k in range(latent.codebook_size):
+    for k in range(latent.num_codes):
         rows[f"code {k}"] = rewards(latent.code_vector(k).detach())
     rows["z = 0"] = rewards(None)
     result = {
@@ -207,38 +215,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parse(argv: list[str]) -> tuple[Path, SteeringOptions]:
-    positional = [a for a in argv if not is_option(a)]
-    if len(positional) != 1:
-        raise SteeringError(
-            f"expected exactly one RUN (a run directory, its final/, or a sweep directory), got {positional}"
-        )
-    kinds = {f.name: f.type for f in dataclasses.fields(SteeringOptions)}
-    opts = {}
-    for arg in argv:
-        if arg in positional:
-            continue
-        key, value = arg.split("=", 1)
-        if key not in kinds:
-            raise SteeringError(f"unknown argument {key!r}; allowed: {', '.join(kinds)}")
-        kind = float if kinds[key] == "float" else int
-        try:
-            opts[key] = kind(value)
-        except ValueError:
-            raise SteeringError(f"{key}={value!r} is not allowed: a number") from None
-        if opts[key] <= 0 and key != "seed":
-            raise SteeringError(f"{key}={value!r} is not allowed: a number > 0")
-    return Path(positional[0]), SteeringOptions(**opts)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+    if not argv or wants_help(argv):
+        print(usage(SteeringOptions, __doc__, "lpc-steer"))
         return 0 if argv else 2
     try:
-        path, opts = _parse(argv)
-    except (SteeringError, FileNotFoundError) as err:
+        path, opts = parse_command(argv, SteeringOptions, SteeringError)
+    except SteeringError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for run in runs_of(path):  # a sweep directory: every completed run
@@ -251,21 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def steer_run(path: Path, opts: dict) -> str:
+def steer_run(path: Path, opts: SteeringOptions) -> str:
     """The steering table of one run, written to its analysis/ folder; returns it as markdown."""
-    from lpc.files import atomic_write_json, atomic_write_text
-    from lpc.training.checkpoint import load_checkpoint
-
-    model, tokenizer, cfg = load_checkpoint(path)
+    run = RunDir.of(path)
+    model, tokenizer, cfg = load_checkpoint(run.require_model())
     if cfg is None or cfg.data.get("name") != "synthetic":
         raise SteeringError(f"{path} was not trained on data=synthetic: no ground-truth type rewards to score with")
     sources = list(cfg.data.get("sources") or []) or None
     chat = bool(cfg.data.get("chat_template", False))  # SmolLM2's tier trains in its chat template
     result = steering_table(model, tokenizer, cfg.data.n_types, float(cfg.data.conflict), opts, sources, chat)
-    run_dir = path.parent if path.name == "final" else path
     table = markdown(result)
-    atomic_write_json(run_dir / "analysis" / "steering.json", result)
-    atomic_write_text(run_dir / "analysis" / "steering.md", table)
+    run.write_analysis("steering.json", result)
+    run.write_analysis("steering.md", table)
     return table
 
 

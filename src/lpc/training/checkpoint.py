@@ -33,12 +33,12 @@ from safetensors.torch import load_file, save_file
 import lpc.adapters as adapters
 from lpc.files import apply_umask
 from lpc.policy import PreferenceModel
+from lpc.training.rundir import RUN_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
 LATENT_WEIGHTS = "latent.safetensors"
 LATENT_CONFIG = "latent.yaml"
-RUN_CONFIG = "lpc_config.yaml"
 
 
 def export_checkpoint(
@@ -90,12 +90,6 @@ def base_name_or_path(cfg, lm) -> str | None:
     return str(name) if name else (getattr(lm.config, "_name_or_path", "") or None)
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` holds a final checkpoint: a full model (config.json) or an adapter (adapter_config.json)."""
-    path = Path(path)
-    return (path / "config.json").exists() or (path / adapters.ADAPTER_CONFIG).exists()
-
-
 def _base_model(path: Path, cfg, dtype=None, quantize: bool = True):
     """The frozen base of the adapter in ``path``, as the run loaded it: its model node (QLoRA's 4-bit base where a
     CUDA GPU and bitsandbytes are at hand, else the base unquantised, with a warning), or ``base_model_name_or_path``
@@ -141,19 +135,24 @@ def export_merged(final: str | Path, target: str | Path) -> Path:
     return target
 
 
+def saved_latent(model_dir: str | Path):
+    """``(latent class, its saved config)`` of an exported model, read from ``latent.yaml`` without loading any
+    weight (checks of a command's options against the latent); None for a baseline."""
+    from hydra.utils import get_class
+
+    path = Path(model_dir) / LATENT_CONFIG
+    if not path.exists():
+        return None
+    cfg = OmegaConf.load(path)
+    return get_class(cfg._target_), cfg
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype=None):
     """``(PreferenceModel, tokenizer, run_config)`` from a final checkpoint (or a run directory): a full model, or
     an adapter on its base model (rebuilt as the run loaded it)."""
     import transformers
 
-    path = Path(path)
-    if (path / "final").is_dir():
-        path = path / "final"
-    if not is_checkpoint(path):
-        raise FileNotFoundError(
-            f"{path} is not a checkpoint directory (no config.json or {adapters.ADAPTER_CONFIG}); pass a run "
-            "directory or its final/ folder"
-        )
+    path = RunDir.of(path).require_model()
     cfg = OmegaConf.load(path / RUN_CONFIG) if (path / RUN_CONFIG).exists() else None
     if (path / adapters.ADAPTER_CONFIG).exists():
         lm = adapters.load_adapter(_base_model(path, cfg, dtype), path)
