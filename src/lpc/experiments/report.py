@@ -162,6 +162,8 @@ def read_sweep(sweep_dir: str | Path) -> dict:
                 "log_tail": [] if completed else log_tail(run_dir),
             }
         )
+    if spec is None and manifest:  # no run got as far as its config: the driver's record still names the grid
+        spec = {"name": manifest.get("experiment") or sweep_dir.name, "grid": manifest["grid"]}
     if spec is None:
         spec = inferred_spec(sweep_dir, runs)
     if spec is None:
