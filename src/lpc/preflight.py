@@ -346,11 +346,7 @@ def launch(cfg: DictConfig, processes: int, overrides: list[str]) -> int:
     )
     saved = {k: os.environ.get(k) for k in env}
     try:
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environ(env)
         launch_command(launch_command_parser().parse_args(argv))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
@@ -360,12 +356,17 @@ def launch(cfg: DictConfig, processes: int, overrides: list[str]) -> int:
     except SystemExit as stop:  # the launcher stopped on SIGTERM / Ctrl-C after its processes did
         return stop.code if isinstance(stop.code, int) else 1
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environ(saved)
     return 0
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    """Set each variable; None unsets it (as it was before, when ``values`` is what was saved)."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 # --------------------------------------------------------------------------- a full disk while training
