@@ -80,6 +80,8 @@ def test_typed_values_of_a_config_node_get_the_same_checks():
         options_from(Opts, {"n": True}, ConfigError, prefix="eval.")
     with pytest.raises(ConfigError, match=r"^eval.rate='x' is not allowed"):
         options_from(Opts, {"rate": "x"}, ConfigError, prefix="eval.")
+    with pytest.raises(ConfigError, match=r"^unknown argument 'eval.colour'; allowed: n, rate, "):
+        options_from(Opts, {"colour": 1}, ConfigError, prefix="eval.")
 
 
 def test_usage_lists_every_option_with_what_is_allowed_and_its_default():

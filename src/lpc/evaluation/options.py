@@ -124,7 +124,7 @@ def options_from(cls, values: dict, error=UsageError, prefix: str = ""):
     fields = _fields(cls)
     unknown = [k for k in values if k not in fields]
     if unknown:
-        raise error(f"unknown argument {prefix}{unknown[0]!r}; allowed: {', '.join(fields)}")
+        raise error(f"unknown argument {prefix + unknown[0]!r}; allowed: {', '.join(fields)}")
     kwargs = {k: convert(f"{prefix}{k}", v, *fields[k], error=error) for k, v in values.items()}
     return cls(**kwargs)
 
