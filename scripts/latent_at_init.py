@@ -19,13 +19,13 @@ from hydra.utils import instantiate
 def main(argv: list[str]) -> int:
     from hydra import compose, initialize_config_dir
 
-    from lpc.conf import CONF_DIR, codebook_implies_latent
+    from lpc.conf import CONF_DIR
     from lpc.evaluation.integrity import LMProbe
     from lpc.policy import PreferenceModel
     from lpc.run import load_model
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=codebook_implies_latent(argv))
+        cfg = compose(config_name="config", overrides=argv)
     torch.manual_seed(int(cfg.seed))
     lm, tokenizer = load_model(cfg)
     latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size)

@@ -33,49 +33,83 @@ def test_cfg_job_prints_the_composed_config():
     assert cfg.model.name_or_path == "mistralai/Mistral-7B-v0.1"
     # the SimPO authors' Mistral-7B recipe (conf/recipe/mistral7b_simpo.yaml), not the generic SimPO default
     assert cfg.algo.name == "simpo" and cfg.algo.beta == 2.0 and cfg.algo.gamma == 1.6 and cfg.trainer.lr == 3e-7
-    assert cfg.codebook == 64 and cfg.flip == 0.0
+    assert cfg.flip == 0.0
     assert cfg.trainer.precision == "bf16"  # a hub model selects the GPU trainer recipe
     assert {"trainer", "model", "algo", "latent", "data", "logger"} <= set(cfg)
 
 
-def test_codebook_selects_the_latent_and_conflicts_are_refused():
-    from lpc.conf import codebook_implies_latent as imply
+def test_codebook_composes_the_latent_from_python():
+    """codebook is a config group: its options select the latent inside Hydra's composition, so compose() from
+    Python gives what the command line gives (no rewriting of the overrides before Hydra sees them)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
-    assert imply(["model=mistral7b", "algo=simpo", "codebook=64"]) == [
-        "model=mistral7b", "algo=simpo", "codebook=64", "latent=discrete"
-    ]  # fmt: skip
-    assert imply(["codebook=none"]) == ["codebook=none", "latent=none"]  # the baseline, one clear choice
-    assert imply(["codebook=8,32,128"]) == ["codebook=8,32,128", "latent=discrete"]  # an LPC sweep
-    assert imply(["latent=discrete", "codebook=8"]) == ["latent=discrete", "codebook=8"]
-    assert imply(["latent=continuous", "codebook=none"]) == ["latent=continuous", "codebook=none"]
-    assert imply(["algo=ipo", "latent=none"]) == ["algo=ipo", "latent=none"]
-    conflicts = {
-        ("latent=none", "codebook=64"): "codebook=64 is not allowed with latent=none: codebook sets the number",
-        ("latent=continuous", "codebook=8"): "codebook=8 is not allowed with latent=continuous",
-        ("codebook=none", "latent=discrete"): "a discrete latent needs a codebook size >= 1",
-        ("latent=none,discrete", "codebook=8,32"): "so it would be ignored",  # the old sweep's duplicate runs
-        ("codebook=none,8",): "mixes the baseline (none) and LPC codebook sizes in one Hydra multirun",
-    }
-    for overrides, message in conflicts.items():
-        with pytest.raises(ValueError, match=re.escape(message)):
-            imply(list(overrides))
-
-
-@pytest.mark.parametrize(
-    "overrides", [["latent=none", "codebook=64"], ["-m", "codebook=none,8,32"]], ids=["none+K", "mixed multirun"]
-)
-def test_codebook_conflicts_exit_2_before_composing(overrides, tmp_path):
-    proc = run_train([*overrides, "--cfg", "job"], tmp_path / "run", check=False, timeout=60)
-    assert proc.returncode == 2 and "lpc-train: config error: codebook=" in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
-
-
-def test_validate_refuses_a_discrete_latent_without_codes_and_keeps_the_baseline_default():
-    with pytest.raises(ConfigError, match="codebook='none' is not allowed: an integer >= 1"):
-        validate(compose(["latent=discrete", "codebook=none"]))
-    validate(compose(["codebook=none", "latent=none"]))
-    validate(compose([]))  # the default: the baseline (latent=none) with codebook's default unused
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["codebook=64"])
+    assert cfg.latent.name == "discrete" and cfg.latent._target_ == "lpc.latent.DiscreteLatent"
+    assert cfg.latent.codebook_size == 64
+    validate(cfg)
+    for k in ("2", "4", "8", "16", "32", "64", "128", "256"):  # the paper's 8-256 and two CPU sizes
+        assert compose([f"codebook={k}"]).latent.codebook_size == int(k)
+    assert compose(["codebook=none"]).latent.name == "none"  # the baseline
+    assert compose(["latent=discrete"]).latent.codebook_size == 32  # no codebook: the latent's own default
+    assert compose(["latent=discrete", "latent.codebook_size=12"]).latent.codebook_size == 12  # any other K
     assert compose([]).latent.name == "none"
+    # an experiment's latent gives way to the codebook a sweep's grid names
+    assert compose(["experiment=codebook", "codebook=none"]).latent.name == "none"
+    assert compose(["experiment=codebook", "codebook=8"]).latent.codebook_size == 8
+
+
+CODEBOOK_CONFLICTS = {
+    ("codebook=64", "latent=none"): "codebook=64 (latent.codebook_size=64) is not allowed with latent=none",
+    ("codebook=8", "latent=continuous"): "codebook=8 (latent.codebook_size=8) is not allowed with latent=continuous",
+    ("codebook=none", "latent=continuous"): "codebook=none (latent.codebook_size=None) is not allowed with latent=c",
+    ("codebook=none", "latent=discrete"): "latent.codebook_size=None is not allowed: an integer >= 1",
+}
+
+
+@pytest.mark.parametrize("overrides", list(CODEBOOK_CONFLICTS), ids=" ".join)
+def test_a_codebook_the_latent_ignores_is_a_config_error(overrides):
+    with pytest.raises(ConfigError, match=re.escape(CODEBOOK_CONFLICTS[overrides])) as err:
+        validate(compose(list(overrides)))
+    assert "codebook=" in str(err.value)  # names the group, and what is allowed
+    if "latent=discrete" not in overrides:
+        assert "allowed: codebook=K alone (it selects latent=discrete)" in str(err.value)
+
+
+def test_a_codebook_the_latent_ignores_exits_2_before_any_model_loads(tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    proc = run_train(["codebook=64", "latent=none"], run_dir, env={"LPC_CACHE_DIR": str(cache)}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr  # Hydra logs the error to stdout
+    assert "config error: codebook=64 (latent.codebook_size=64) is not allowed with latent=none" in out, out
+    assert not cache.exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_a_size_without_an_option_names_the_options_and_the_key_for_any_k(tmp_path):
+    proc = run_train(["codebook=12"], tmp_path / "run", check=False, timeout=60)
+    assert proc.returncode == 1 and "Could not find 'codebook/12'" in proc.stderr, proc.stderr[-2000:]
+    assert "Available options in 'codebook'" in proc.stderr
+    help_text = run_train(["--help"], tmp_path / "help", timeout=60).stdout
+    assert "any other K: latent=discrete latent.codebook_size=K" in help_text
+
+
+@pytest.mark.slow  # two tiny training runs in one Hydra multirun: ~30 s
+def test_one_multirun_trains_the_baseline_and_lpc(tmp_path):
+    sweep_dir = tmp_path / "multirun"
+    proc = run_train(
+        ["-m", "codebook=none,8", "trainer.max_steps=2", "trainer.save_every=0", "trainer.eval_every=0",
+         "data.n_train=32", "data.n_eval=16", f"hydra.sweep.dir={sweep_dir}"],
+        tmp_path / "unused",
+    )  # fmt: skip
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("eval/pref_accuracy=")]
+    assert len(printed) == 2, proc.stdout[-2000:]  # one per job
+    latents = {}
+    for job in ("0", "1"):
+        cfg = OmegaConf.load(sweep_dir / job / ".hydra" / "config.yaml")
+        latents[job] = (cfg.latent.name, cfg.latent.get("codebook_size"))
+        assert json.loads((sweep_dir / job / "metrics.json").read_text())["status"] == "completed"
+    assert latents == {"0": ("none", None), "1": ("discrete", 8)}
 
 
 def test_issue_options_exist():
@@ -124,8 +158,8 @@ BAD = [
     (["algo=nope"], "algo/nope"),
     (["data=nope"], "data/nope"),
     (["latent=nope"], "latent/nope"),
-    (["codebook=0"], "codebook=0"),
-    (["codebook=-3"], "codebook=-3"),
+    (["codebook=0"], "codebook/0"),
+    (["latent=discrete", "latent.codebook_size=0"], "latent.codebook_size=0"),
     (["flip=1.5"], "flip=1.5"),
     (["flip=-0.1"], "flip=-0.1"),
     (["algo.beta=0"], "algo.beta=0"),
@@ -313,8 +347,8 @@ def test_per_model_recipes(model, algo):
 def test_validate_raises_config_error_in_process():
     with pytest.raises(ConfigError, match=r"flip=2 is not allowed: a number in \[0, 1\]"):
         validate(compose(["flip=2"]))
-    with pytest.raises(ConfigError, match="codebook"):
-        validate(compose(["codebook=0"]))
+    with pytest.raises(ConfigError, match="latent.codebook_size=-3 is not allowed: an integer >= 1"):
+        validate(compose(["latent=discrete", "latent.codebook_size=-3"]))
 
 
 def test_missing_hub_model_offline_fails_at_once(tmp_path):

@@ -364,7 +364,7 @@ def test_continuous_run_trains_and_reloads(tiny_continuous_run):
 @pytest.mark.parametrize(
     "override,key",
     [
-        ("codebook=0", "codebook"),
+        ("latent.codebook_size=0", "latent.codebook_size"),
         ("latent.temperature=0", "latent.temperature"),
         ("latent.kl_weight=-1", "latent.kl_weight"),
         ("latent.mix_schedule=bogus", "latent.mix_schedule"),

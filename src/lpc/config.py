@@ -45,19 +45,59 @@ def _is_number(x) -> bool:
 
 
 def validate(cfg: DictConfig) -> None:
-    codebook = cfg.get("codebook")
-    is_k = isinstance(codebook, int) and not isinstance(codebook, bool) and codebook >= 1
-    if cfg.latent.get("name") == "discrete":
-        _require(is_k, "codebook", "an integer >= 1 (the number of latent codes K of latent=discrete)", codebook)
-    else:  # no codebook: the baseline, or the continuous latent
-        _require(is_k or codebook in (None, "none"), "codebook", "none, or an integer >= 1", codebook)
+    """Every config group's checks, each next to what it checks; the first problem raises ``ConfigError``."""
+    _validate_top_level(cfg)
+    _validate_codebook(cfg.latent)
+    _validate_algo(cfg.algo)
+    _validate_trainer(cfg.trainer)
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_latent(cfg.latent)
+
+    import lpc.adapters as adapters
+
+    try:
+        adapters.check(cfg)  # QLoRA on CPU is refused here, before any model loads
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    if cfg.get("eval") is not None and cfg.eval.get("tasks"):
+        from lpc.evaluation.harness import check_eval_node
+
+        check_eval_node(cfg.eval)  # options, local task names, lm-eval installed
+
+
+def _validate_top_level(cfg) -> None:
     flip = cfg.get("flip")
     _require(
         _is_number(flip) and 0.0 <= flip <= 1.0, "flip", "a number in [0, 1] (fraction of training pairs flipped)", flip
     )
     _require(isinstance(cfg.get("seed"), int), "seed", "an integer", cfg.get("seed"))
 
-    algo = cfg.algo  # any loss object the algo group names (docs/architecture.md: adding a loss)
+
+def _validate_codebook(latent) -> None:
+    """``codebook=K`` selects latent=discrete and sets ``latent.codebook_size`` (conf/codebook/); with another
+    latent on the command line K lands in a latent that has no codes, and ``codebook=none`` sets it to null."""
+    name, k = latent.get("name"), latent.get("codebook_size")
+    if name == "discrete":
+        _require(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+            "latent.codebook_size",
+            "an integer >= 1, the number of codes K of latent=discrete (codebook=K sets it; codebook=none is "
+            "latent=none, the baseline)",
+            k,
+        )
+    elif "codebook_size" in latent and (k is not None or name != "none"):
+        given = "none" if k is None else k
+        raise ConfigError(
+            f"codebook={given} (latent.codebook_size={k}) is not allowed with latent={name}: only latent=discrete "
+            f"has codes, so the codebook would be ignored; allowed: codebook=K alone (it selects latent=discrete), "
+            f"codebook=none alone (latent=none, the baseline), or latent={name} without codebook"
+        )
+
+
+def _validate_algo(algo) -> None:
+    """Any loss object the algo group names (docs/architecture.md: adding a loss), by the keys it has."""
     if "beta" in algo:
         _require(_is_number(algo.beta) and algo.beta > 0, "algo.beta", "a number > 0", algo.beta)
     if "gamma" in algo:
@@ -65,7 +105,8 @@ def validate(cfg: DictConfig) -> None:
     if "tau" in algo:
         _require(_is_number(algo.tau) and algo.tau > 0, "algo.tau", "a number > 0", algo.tau)
 
-    t = cfg.trainer
+
+def _validate_trainer(t) -> None:
     _check_numbers(t)
     _require(isinstance(t.max_length, int) and t.max_length >= 2, "trainer.max_length", "an integer >= 2", t.max_length)
     _require(
@@ -93,7 +134,8 @@ def validate(cfg: DictConfig) -> None:
     ref_mode = t.get("reference_logps", "on_the_fly")
     _require(ref_mode in ("precompute", "on_the_fly"), "trainer.reference_logps", "precompute or on_the_fly", ref_mode)
 
-    data = cfg.data
+
+def _validate_data(data) -> None:
     if "train_file" in data or OmegaConf.is_missing(data, "train_file"):  # data=jsonl (??? until given)
         train_file = None if OmegaConf.is_missing(data, "train_file") else data.train_file
         _require(bool(train_file), "data.train_file", "a path to a local .jsonl/.json/.parquet/.csv file", train_file)
@@ -107,14 +149,6 @@ def validate(cfg: DictConfig) -> None:
                 f"an existing .jsonl/.json/.parquet/.csv file ({problem})",
                 data[key],
             )
-    cache_dir = cfg.model.get("cache_dir")
-    if cache_dir:
-        _require(
-            not os.path.exists(os.path.expanduser(str(cache_dir))) or os.path.isdir(os.path.expanduser(str(cache_dir))),
-            "model.cache_dir",
-            "a directory (created if missing) for converted models and tokenizers; this is a file",
-            cache_dir,
-        )
     path = data.get("path")
     if path and (path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet"))):
         _require(
@@ -125,23 +159,16 @@ def validate(cfg: DictConfig) -> None:
         )
     _build_node(data)  # the data source's own checks (cheap: nothing is loaded until it is called)
 
-    latent = cfg.latent
-    known_latents = ("none", "discrete", "continuous")
-    _require(latent.get("name") in known_latents, "latent.name", f"one of {known_latents}", latent.get("name"))
-    if latent.name != "none":
-        _validate_latent(latent)
 
-    import lpc.adapters as adapters
-
-    try:
-        adapters.check(cfg)  # QLoRA on CPU is refused here, before any model loads
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-    if cfg.get("eval") is not None and cfg.eval.get("tasks"):
-        from lpc.evaluation.harness import check_eval_node
-
-        check_eval_node(cfg.eval)  # options, local task names, lm-eval installed
+def _validate_model(model) -> None:
+    cache_dir = model.get("cache_dir")
+    if cache_dir:
+        _require(
+            not os.path.exists(os.path.expanduser(str(cache_dir))) or os.path.isdir(os.path.expanduser(str(cache_dir))),
+            "model.cache_dir",
+            "a directory (created if missing) for converted models and tokenizers; this is a file",
+            cache_dir,
+        )
 
 
 # Numeric trainer keys: (integer?, condition, what is allowed). A string such as ``abc`` gets this message
@@ -173,13 +200,17 @@ def _scheduler_names() -> tuple[str, ...]:
     return tuple(s.value for s in SchedulerType)
 
 
-def _validate_latent(latent_cfg) -> None:
+def _validate_latent(latent) -> None:
     """The latent module's constructor is the one place its options are checked: build it on the meta
     device (no memory, no weights) with a stand-in hidden size, and turn its complaint into a ConfigError."""
+    known_latents = ("none", "discrete", "continuous")
+    _require(latent.get("name") in known_latents, "latent.name", f"one of {known_latents}", latent.get("name"))
+    if latent.name == "none":
+        return
     import torch
 
     with torch.device("meta"):
-        _build_node(latent_cfg, hidden_size=8)
+        _build_node(latent, hidden_size=8)
 
 
 def _build_node(node, **kwargs):

@@ -16,27 +16,15 @@ log = logging.getLogger("lpc.train")
 
 def main() -> None:
     """``lpc-train``: conf/local/ in the working directory (git-ignored cluster defaults such as
-    conf/local/slurm.yaml, docs/slurm.md) joins the config search path when it exists; ``codebook=K`` selects
-    the discrete latent (lpc.conf.codebook_implies_latent) before Hydra composes anything."""
-    from lpc.conf import codebook_implies_latent
-
-    local = Path("conf/local")  # in the checkout it is inside the config tree itself: nothing to add
+    conf/local/slurm.yaml, docs/slurm.md) joins the config search path when it exists and is not the config
+    tree's own (a checkout's)."""
+    local = Path("conf/local")
     if (
         local.is_dir()
         and local.resolve().parent != Path(CONF_DIR).resolve()
         and not any(a.startswith("hydra.searchpath") for a in sys.argv[1:])
     ):
         sys.argv.insert(1, "hydra.searchpath=[file://conf]")
-    flags = [a for a in sys.argv[1:] if a.startswith("-") or "=" not in a]
-    overrides = [a for a in sys.argv[1:] if a not in flags]
-    try:
-        implied = codebook_implies_latent(overrides)
-    except ValueError as err:
-        print(f"lpc-train: config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if len(implied) > len(overrides):  # next to the last override: Hydra's overrides are one run of arguments
-        at = max(i for i, a in enumerate(sys.argv) if a in overrides) + 1
-        sys.argv[at:at] = implied[len(overrides) :]
     train()
 
 

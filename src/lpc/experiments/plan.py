@@ -55,7 +55,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lpc.adapters import ADAPTERS, ALL_LINEAR, PROJECTIONS, QUANTIZABLE_LOADERS, target_modules
-from lpc.conf import CONF_DIR, codebook_implies_latent
+from lpc.conf import CONF_DIR
 from lpc.errors import ConfigError, PlanError, Unplannable
 from lpc.training.distributed import ACCELERATE_CONFIGS, gradient_accumulation
 
@@ -1165,7 +1165,7 @@ def expand_jobs(overrides: list[str], conf_dir: Path) -> list[tuple[list[str], D
         rest = [o for o in combo if o not in hw]
         shown = rest + hw  # as the user wrote them
         hw = _hardware_overrides(conf_dir, hw)
-        cfg = _hydra_compose(conf_dir, codebook_implies_latent(rest) + hw)  # each job alone: codebook=none,8 works
+        cfg = _hydra_compose(conf_dir, rest + hw)
         grid = OmegaConf.to_container(cfg.sweep, resolve=True).get("grid") if "sweep" in cfg else None
         if not grid:
             jobs.append((shown, cfg))
@@ -1176,7 +1176,7 @@ def expand_jobs(overrides: list[str], conf_dir: Path) -> list[tuple[list[str], D
         for values in itertools.product(*(grid[k] for k in keys)):
             point = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in zip(keys, values)]
             job = rest + fixed + point
-            jobs.append((shown + fixed + point, _hydra_compose(conf_dir, codebook_implies_latent(job) + hw)))
+            jobs.append((shown + fixed + point, _hydra_compose(conf_dir, job + hw)))
     return jobs
 
 

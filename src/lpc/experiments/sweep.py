@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from lpc.conf import BASELINE, CONF_DIR, codebook_implies_latent
+from lpc.conf import CONF_DIR
 from lpc.errors import ConfigError
 from lpc.experiments import spec
 from lpc.experiments.spec import fmt
@@ -166,8 +166,6 @@ def exclude_keys(p: dict, group: str | None) -> list[str]:
     part = p["groups"][group]
     fixed = p["fixed"] + part["overrides"] + p["task_extra"]
     exclude = ["experiment", "scale"] + [o.lstrip("+~").split("=", 1)[0] for o in fixed]
-    if "codebook" in part["grid"] and "latent" not in part["grid"]:
-        exclude.append("latent")  # lpc-train adds the latent codebook=K|none implies; the grid names the run
     return exclude
 
 
@@ -186,7 +184,7 @@ def plan_jobs(p: dict) -> tuple[list, list[str]]:
         point = [f"{k}={v}" for k, v in j["overrides"].items()]
         group = p["groups"][j["group"]]["overrides"]
         try:
-            plans.append(plan_one(compose(codebook_implies_latent(base + group + point)), overrides=point))
+            plans.append(plan_one(compose(base + group + point), overrides=point))
         except PlanError as err:
             errors.append(f"{j['dir']}: {err}")
     return plans, errors
@@ -198,10 +196,8 @@ def multirun_commands(p: dict) -> list[list[str]]:
     for group, part in p["groups"].items():
         todo = [dict(j["overrides"]) for j in p["jobs"] if j["group"] == group and j["status"] != "completed"]
         keys = list(part["grid"])
-        # codebook=none (the baseline) and codebook=K select different latents: never in one multirun
-        baseline = [j for j in todo if str(j.get("codebook")).lower() in BASELINE]
         sweep_dir = Path(p["sweep_dir"]) / group if group else Path(p["sweep_dir"])
-        for prod in products(baseline, keys) + products([j for j in todo if j not in baseline], keys):
+        for prod in products(todo, keys):  # codebook=none and codebook=K may share one: conf/codebook/
             cmds.append(
                 [
                     *TRAIN,

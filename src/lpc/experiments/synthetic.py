@@ -74,7 +74,7 @@ def _default_latent(name: str) -> dict:
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"latent={name}"])
-    return {"latent": OmegaConf.to_container(cfg.latent, resolve=True), "codebook": cfg.codebook}
+    return {"latent": OmegaConf.to_container(cfg.latent, resolve=True)}
 
 
 def _fmt(value) -> str:
@@ -95,8 +95,8 @@ def latent_options(cfg) -> list[str]:
         for k, v in ran.items()
         if k not in ("_target_", "name", "codebook_size") and default["latent"].get(k) != v
     ]
-    if name == "discrete" and cfg.codebook != default["codebook"]:
-        opts.append(f"codebook={cfg.codebook}")
+    if name == "discrete" and ran["codebook_size"] != default["latent"]["codebook_size"]:
+        opts.append(f"codebook={ran['codebook_size']}")
     return sorted(opts)
 
 
