@@ -102,6 +102,18 @@ def test_baseline_and_codebook_sizes_sweep_without_duplicates(capsys, tmp_path):
     assert not any(a.startswith("latent=") for a in cmds[0])
 
 
+def test_a_codebook_the_latent_ignores_is_named_before_launch(capsys, tmp_path):
+    from lpc.experiments.sweep import main
+
+    grid = ["sweep.grid.codebook=[8]", "scale.seeds=[0]", "latent=continuous"]
+    main(["experiment=codebook", *grid, "--dry-run", "--sweep-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert (
+        "lpc-sweep: config error, this job will fail: codebook=8,seed=0: codebook=8 (latent.codebook_size=8) is not "
+        "allowed with latent=continuous" in err
+    ), err
+
+
 FAST = [
     "sweep.grid.codebook=[2,4]",
     "scale.seeds=[0]",

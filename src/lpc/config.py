@@ -14,6 +14,7 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from lpc.conf import check_codebook
 from lpc.errors import ConfigError  # noqa: F401  (re-exported: lpc.config.ConfigError)
 from lpc.training.distributed import gradient_accumulation, process_count
 
@@ -47,7 +48,7 @@ def _is_number(x) -> bool:
 def validate(cfg: DictConfig) -> None:
     """Every config group's checks, each next to what it checks; the first problem raises ``ConfigError``."""
     _validate_top_level(cfg)
-    _validate_codebook(cfg.latent)
+    check_codebook(cfg.latent)  # the codebook group's (lpc.conf): lpc-sweep checks each job with it too
     _validate_algo(cfg.algo)
     _validate_trainer(cfg.trainer)
     _validate_data(cfg.data)
@@ -73,27 +74,6 @@ def _validate_top_level(cfg) -> None:
         _is_number(flip) and 0.0 <= flip <= 1.0, "flip", "a number in [0, 1] (fraction of training pairs flipped)", flip
     )
     _require(isinstance(cfg.get("seed"), int), "seed", "an integer", cfg.get("seed"))
-
-
-def _validate_codebook(latent) -> None:
-    """``codebook=K`` selects latent=discrete and sets ``latent.codebook_size`` (conf/codebook/); with another
-    latent on the command line K lands in a latent that has no codes, and ``codebook=none`` sets it to null."""
-    name, k = latent.get("name"), latent.get("codebook_size")
-    if name == "discrete":
-        _require(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 1,
-            "latent.codebook_size",
-            "an integer >= 1, the number of codes K of latent=discrete (codebook=K sets it; codebook=none is "
-            "latent=none, the baseline)",
-            k,
-        )
-    elif "codebook_size" in latent and (k is not None or name != "none"):
-        given = "none" if k is None else k
-        raise ConfigError(
-            f"codebook={given} (latent.codebook_size={k}) is not allowed with latent={name}: only latent=discrete "
-            f"has codes, so the codebook would be ignored; allowed: codebook=K alone (it selects latent=discrete), "
-            f"codebook=none alone (latent=none, the baseline), or latent={name} without codebook"
-        )
 
 
 def _validate_algo(algo) -> None:

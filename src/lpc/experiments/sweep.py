@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from lpc.conf import CONF_DIR
+from lpc.conf import CONF_DIR, check_codebook
 from lpc.errors import ConfigError
 from lpc.experiments import spec
 from lpc.experiments.spec import fmt
@@ -184,8 +184,10 @@ def plan_jobs(p: dict) -> tuple[list, list[str]]:
         point = [f"{k}={v}" for k, v in j["overrides"].items()]
         group = p["groups"][j["group"]]["overrides"]
         try:
-            plans.append(plan_one(compose(base + group + point), overrides=point))
-        except PlanError as err:
+            cfg = compose(base + group + point)
+            check_codebook(cfg.latent)  # codebook=8 with latent=continuous on the command line: named before launch
+            plans.append(plan_one(cfg, overrides=point))
+        except (PlanError, ConfigError) as err:
             errors.append(f"{j['dir']}: {err}")
     return plans, errors
 
