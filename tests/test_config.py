@@ -31,7 +31,7 @@ def test_cfg_job_prints_the_composed_config():
     assert cfg.latent.name == "discrete" and cfg.latent._target_ == "lpc.latent.DiscreteLatent"
     assert cfg.latent.codebook_size == 64
     assert cfg.model.name_or_path == "mistralai/Mistral-7B-v0.1"
-    # the SimPO authors' Mistral-7B recipe (conf/recipe/mistral7b_simpo.yaml), not the generic SimPO default
+    # the SimPO authors' Mistral-7B recipe (conf/recipe/model/mistral7b_simpo.yaml), not the generic SimPO default
     assert cfg.algo.name == "simpo" and cfg.algo.beta == 2.0 and cfg.algo.gamma == 1.6 and cfg.trainer.lr == 3e-7
     assert cfg.flip == 0.0
     assert cfg.trainer.precision == "bf16"  # a hub model selects the GPU trainer recipe
@@ -320,7 +320,8 @@ def test_paper_recipe_refused_before_loading_when_the_batch_does_not_divide(tmp_
     assert "Meta-Llama" not in out and not (tmp_path / "run" / "final").exists()
 
 
-# (model, algo) -> (beta or tau, gamma, lr, length_normalize): conf/recipe/, each with its source in a comment
+# (model, algo) -> (beta or tau, gamma, lr, length_normalize): conf/recipe/, conf/trainer/gpu.yaml and conf/algo/,
+# each value with its source in a comment
 RECIPES = {
     ("mistral7b", "simpo"): (2.0, 1.6, 3e-7, None),  # SimPO training_configs/mistral-7b-base-simpo.yaml
     ("llama3_8b", "simpo"): (2.0, 1.0, 6e-7, None),  # .../llama-3-8b-base-simpo.yaml (gamma/beta 0.5)
@@ -342,6 +343,24 @@ def test_per_model_recipes(model, algo):
     assert compose([f"model={model}", f"algo={algo}", "trainer.lr=1e-5"]).trainer.lr == 1e-5
     if model != "tiny":
         assert compose(["experiment=table1", "scale=paper", f"model={model}", f"algo={algo}"]).trainer.lr == lr
+
+
+def test_recipes_say_each_value_once():
+    """One recipe per algorithm for the paper's trainer (recipe/gpu_<algo>.yaml, keyed by trainer and algo), and a
+    per-model file only where a model's values differ (recipe/model/: SimPO's); no two recipes are the same."""
+    bodies = {}
+    for path in sorted((CONF / "recipe").rglob("*.yaml")):
+        body = "\n".join(ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#"))
+        assert body not in bodies, f"{path.name} repeats {bodies.get(body)}"
+        bodies[body] = path.name
+    assert {p.stem for p in (CONF / "recipe" / "model").glob("*.yaml")} == {
+        f"{m}_simpo" for m in ("mistral7b", "llama3_8b", "llama3_8b_instruct", "mini_llama", "mini_mistral")
+    }
+    # the IPO recipe goes with the paper's trainer, whichever model runs on it
+    assert compose(["algo=ipo", "trainer=gpu"]).algo.length_normalize is False
+    assert compose(["model=mistral7b", "algo=ipo", "trainer=cpu"]).algo.length_normalize is True
+    rehearsal = compose(["experiment=rehearsal", "model=mini_mistral", "algo=simpo"])  # the miniature: its model's
+    assert (rehearsal.algo.beta, rehearsal.algo.gamma) == (2.0, 1.6)
 
 
 def test_validate_raises_config_error_in_process():
