@@ -13,6 +13,8 @@ the claimed and the measured value when they differ:
   temperature, the runs each group of the synthetic benchmark makes (``sweep.groups`` of
   conf/experiment/synthetic_benchmark.yaml, as lpc-sweep lists them), their total and the runs lpc-steer analyses;
 * docs/experiments.md: the jobs ``lpc-sweep experiment=NAME [scale=paper] --dry-run`` lists, per experiment.
+* README.md's config tree table: a row for every config group (directory) of conf/, and the codebook row names
+  exactly the options of conf/codebook/.
 
 ``--root DIR`` reads the documents from another checkout (the tests use an edited copy); ``--only NAME[,NAME]``
 runs some checks; ``--measured KEY=VALUE`` supplies a measurement instead of making it (tests only, e.g.
@@ -85,7 +87,7 @@ def model_parameters(model: str) -> str:
     """``"N,M"``: the parameters of ``model=NAME``'s language model and of the discrete latent at K = 32 on it."""
     from hydra.utils import instantiate
 
-    cfg = compose([f"model={model}", "latent=discrete", "codebook=32"])
+    cfg = compose([f"model={model}", "codebook=32"])
     lm, _ = instantiate(cfg.model)
     latent = instantiate(cfg.latent, hidden_size=lm.config.hidden_size)
     return f"{lm.num_parameters()},{sum(p.numel() for p in latent.parameters())}"
@@ -236,8 +238,26 @@ class Checker:
                 jobs = self.measure(f"jobs:{experiment}:{scale}", sweep_jobs, experiment, scale)
                 self.add(rel, f"jobs of experiment={experiment} scale={scale}", m.group(1) if m else cell.strip(), jobs)
 
+    def config_tree(self) -> None:
+        """README's config tree table has a row for every group of conf/, and its codebook row names the options."""
+        from lpc.conf import CONF_DIR
+
+        text, conf = self.read("README.md"), Path(CONF_DIR)
+        rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", text, re.MULTILINE))
+        for group in sorted(p.name for p in conf.iterdir() if p.is_dir()):
+            if group not in ("hydra", "local", "__pycache__"):
+                self.add("README.md", f"config group {group}", "a row" if group in rows else "no row", "a row")
+        claimed = sorted(re.findall(r"`(\w+)`", rows.get("codebook", "")))
+        self.add(
+            "README.md",
+            "codebook options",
+            ",".join(claimed),
+            ",".join(sorted(p.stem for p in (conf / "codebook").glob("*.yaml"))),
+        )
+
 
 CHECKS = {
+    "config-tree": Checker.config_tree,
     "accuracy": Checker.readme_accuracy,
     "parameters": Checker.parameters,
     "flip-rate": Checker.flip_rate,

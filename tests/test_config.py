@@ -363,6 +363,24 @@ def test_recipes_say_each_value_once():
     assert (rehearsal.algo.beta, rehearsal.algo.gamma) == (2.0, 1.6)
 
 
+def test_readme_names_every_config_group_and_the_codebook_options(tmp_path, capsys):
+    """make docs-check's config-tree check: true today, and false on a README without the codebook row's 256."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("docs_check", REPO / "scripts" / "docs_check.py")
+    docs_check = importlib.util.module_from_spec(spec)
+    sys.modules["docs_check"] = docs_check  # its dataclass looks its module up there
+    spec.loader.exec_module(docs_check)
+    assert docs_check.main(["--only", "config-tree"]) == 0
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text().replace("`128`, `256`", "`128`", 1))
+    capsys.readouterr()
+    assert docs_check.main(["--root", str(tmp_path), "--only", "config-tree"]) == 1
+    assert "FAIL README.md: codebook options: claimed 128,16,2,32,4,64,8,none" in capsys.readouterr().out
+
+
 def test_validate_raises_config_error_in_process():
     with pytest.raises(ConfigError, match=r"flip=2 is not allowed: a number in \[0, 1\]"):
         validate(compose(["flip=2"]))
