@@ -55,6 +55,8 @@ def test_codebook_composes_the_latent_from_python():
     assert compose(["latent=discrete"]).latent.codebook_size == 32  # no codebook: the latent's own default
     assert compose(["latent=discrete", "latent.codebook_size=12"]).latent.codebook_size == 12  # any other K
     assert compose([]).latent.name == "none"
+    seed = compose(["codebook=8", "seed=3"]).seed  # only a group's option turns an int into a name
+    assert seed == 3 and isinstance(seed, int)
     # an experiment's latent gives way to the codebook a sweep's grid names
     assert compose(["experiment=codebook", "codebook=none"]).latent.name == "none"
     assert compose(["experiment=codebook", "codebook=8"]).latent.codebook_size == 8
