@@ -3,18 +3,17 @@
     lpc-sweep experiment=NAME [scale=cpu|paper] [launcher=local|submitit_local|slurm]
                         [--dry-run] [--sweep-dir DIR] [--parallel N] [--no-report] [any other override ...]
 
-NAME is a config of conf/experiment/: the paper's table1, table2, codebook, noise, continuous, mixed,
-rehearsal, and the synthetic benchmark's synthetic_benchmark and synthetic_pretrained. Its ``sweep`` node
-lists the runs (lpc.experiments.spec): ``sweep.grid`` (key -> values), optionally ``sweep.groups`` (named
-parts, each its own product under its own fixed overrides). Every run has its directory
-``SWEEP_DIR[/<group>]/<key=value,...>`` (Hydra's ``override_dirname``), so a rerun finds its runs:
+NAME is a config of conf/experiment/ (the paper's experiments and the synthetic benchmark; --help lists
+them). Its ``sweep`` node lists the runs (lpc.experiments.spec): ``sweep.grid`` (key -> values), optionally
+``sweep.groups`` (named parts, each its own product under its own fixed overrides). Every run has its
+directory ``SWEEP_DIR[/<group>]/<key=value,...>`` (Hydra's ``override_dirname``), so a rerun finds its runs:
 completed ones (metrics.json says so) are skipped, the others are launched again and resume from their last
 checkpoint. The runs still to do are grouped into as few Cartesian products as possible, and each product is
 one ``lpc-train -m`` call: Hydra's basic launcher (``launcher=local``, in-process, one after the other) or
-hydra-submitit-launcher (``submitit_local``, ``slurm``: one job array per product); ``--parallel N`` runs N of
-these calls at a time (default 1). ``sweep.steer`` then runs
-``lpc-steer`` on the completed runs it matches. ``--dry-run`` prints the launcher's composed config (the sbatch
-parameters) and the job list without launching. At the end ``lpc-report`` summarises SWEEP_DIR (default:
+hydra-submitit-launcher (``submitit_local``, ``slurm``: one job array per product); ``--parallel N`` runs N
+of these calls at a time (default 1). ``sweep.steer`` then runs ``lpc-steer`` on the completed runs it
+matches. ``--dry-run`` prints the launcher's composed config (the sbatch parameters), the job list and
+lpc-plan's estimate without launching. At the end ``lpc-report`` summarises SWEEP_DIR (default:
 outputs/sweeps/<sweep.name>-<scale>) into its report.md.
 """
 
@@ -96,6 +95,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
             opts["parallel"] = int(value)
         elif arg in ("-h", "--help"):
             print(__doc__)
+            print(f"Experiments (conf/experiment/): {', '.join(experiment_names())}")
             sys.exit(0)
         elif arg.split("=", 1)[0] in ("experiment", "scale", "launcher") and "=" in arg:
             key, value = arg.split("=", 1)
