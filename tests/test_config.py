@@ -52,6 +52,7 @@ def test_codebook_composes_the_latent_from_python():
     for k in ("2", "4", "8", "16", "32", "64", "128", "256"):  # the paper's 8-256 and two CPU sizes
         assert compose([f"codebook={k}"]).latent.codebook_size == int(k)
     assert compose(["codebook=none"]).latent.name == "none"  # the baseline
+    assert (compose(["codebook=8"]).codebook, compose(["codebook=none"]).codebook) == (8, "none")  # the record
     assert compose(["latent=discrete"]).latent.codebook_size == 32  # no codebook: the latent's own default
     assert compose(["latent=discrete", "latent.codebook_size=12"]).latent.codebook_size == 12  # any other K
     assert compose([]).latent.name == "none"
