@@ -75,3 +75,17 @@ def test_the_build_lists_every_package_and_maps_the_config_tree():
     from lpc.conf import CONF_DIR
 
     assert Path(CONF_DIR) == REPO / "conf"
+
+
+def test_conf_local_of_the_working_directory_joins_the_launcher(tmp_path):
+    """lpc-train run in another directory merges that directory's conf/local/slurm.yaml (git-ignored cluster
+    defaults, docs/slurm.md) into hydra/launcher=slurm; the command line still wins over it."""
+    (tmp_path / "conf" / "local").mkdir(parents=True)
+    (tmp_path / "conf" / "local" / "slurm.yaml").write_text("partition: from_conf_local\n")
+    cmd = [sys.executable, "-m", "lpc.train", "hydra/launcher=slurm"]
+    show = ["--cfg", "hydra", "--package", "hydra.launcher"]
+    shown = subprocess.run([*cmd, *show], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "partition: from_conf_local" in shown.stdout
+    cli = subprocess.run([*cmd, "hydra.launcher.partition=gpu", *show], cwd=tmp_path, capture_output=True, text=True)
+    assert "partition: gpu" in cli.stdout, cli.stderr[-2000:]
