@@ -29,11 +29,11 @@ test-fast: install
 
 # ruff (configured in pyproject.toml): lint and formatting check; `make format` rewrites.
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src conf tests benchmarks
+	$(VENV)/bin/ruff format --check src conf tests benchmarks
 format: install
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src conf tests benchmarks
+	$(VENV)/bin/ruff format src conf tests benchmarks
 
 # Mutation testing of the method's core (scripts/mutation.py: which functions; pyproject's [tool.mutmut]: which
 # tests): a fresh mutants/ copy, two workers with one thread each, then the score docs/testing.md reports;
