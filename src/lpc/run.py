@@ -343,7 +343,7 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator, step_hooks, pairs) -> di
             export_checkpoint(
                 trainer.accelerator.unwrap_model(trainer.model), tokenizer, cfg, run.final, state_dict=full_state
             )
-        metrics["status"] = "completed"
+        metrics["status"] = rundir.COMPLETED
         run.write_metrics(metrics)  # last: its presence means the run finished
         log.info(
             "final eval/pref_accuracy=%.4f eval/margin=%.4f (%d steps, %.1f s) -> %s",

@@ -26,7 +26,7 @@ def runs_of(path: str | Path) -> list[Path]:
     path = Path(path)
     if rundir.is_model_dir(path) or any((path / name).exists() for name in (rundir.FINAL, ".hydra", rundir.METRICS)):
         return [path]
-    runs = [d for d in rundir.run_dirs(path) if rundir.status(d) == "completed"]
+    runs = [d for d in rundir.run_dirs(path) if rundir.status(d) == rundir.COMPLETED]
     return runs or [path]  # neither: the command's own error names the path
 
 

@@ -56,7 +56,7 @@ class Generation:
     prompt: str
     text: str
     z_source: str  # "none" | "code K" | "prior (MODE)"
-    prior_probs: torch.Tensor | None = None  # (K,) discrete LPC only
+    prior_probs: torch.Tensor | None = None  # (K,) the prior over the codes (a latent made of codes only)
     token_ids: list[int] = field(default_factory=list)
 
     def top_codes(self, n: int = 5) -> list[tuple[int, float]]:

@@ -2,11 +2,13 @@
 
     RUN/
       .hydra/config.yaml, overrides.yaml   the composed config and the command-line overrides (Hydra)
-      checkpoints/step-N/                  accelerate state + trainer_state.json (a temp dir, then renamed)
+      checkpoints/step-N/                  accelerate state, trainer_state.json (step, config fingerprint, train
+                                           log length) and manifest.json (every file and its size, written
+                                           last); written in a temp dir, then renamed
       final/                               the exported model (lpc_config.yaml: the resolved config)
       train_log.jsonl                      the logged metrics, one line per log step
       metrics.json                         the final metrics; written last, atomically ("status": "completed")
-      analysis/                            plots and tables of the latent analysis
+      analysis/                            plots and tables: the latent analysis, LM integrity, lpc-steer
 
 :class:`RunDir` is one run: the trainer writes it, every post-training command (lpc-generate, lpc-evaluate,
 lpc-export, lpc-steer) and ``LPCPolicy.from_pretrained`` find it with :meth:`RunDir.of` ("a run directory,
@@ -35,7 +37,7 @@ CHECKPOINT_MANIFEST = "manifest.json"  # every file of a checkpoint with its siz
 LOCK = ".lock"  # held (flock) by the process training in the run directory
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 SWEEP_MANIFEST = "sweep.json"  # written by the sweep driver into a sweep directory
-STATUSES = ("completed", "incomplete", "failed", "missing")  # what status() answers
+STATUSES = COMPLETED, INCOMPLETE, FAILED, MISSING = ("completed", "incomplete", "failed", "missing")  # status()
 MODEL_FILES = ("config.json", "adapter_config.json")  # an exported model holds one: a full LM or an adapter
 
 
@@ -117,11 +119,11 @@ def status(run_dir: str | Path) -> str:
     ``failed`` (neither) or ``missing`` (no such directory)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        return "missing"
+        return MISSING
     metrics = load_metrics(run_dir)
-    if metrics is not None and metrics.get("status") == "completed":
-        return "completed"
-    return "incomplete" if checkpoints(run_dir) else "failed"
+    if metrics is not None and metrics.get("status") == COMPLETED:
+        return COMPLETED
+    return INCOMPLETE if checkpoints(run_dir) else FAILED
 
 
 def run_dirs(sweep_dir: str | Path) -> list[Path]:
@@ -226,7 +228,7 @@ class RunDir:
         return load_metrics(self.path)
 
     def write_metrics(self, metrics: dict) -> None:
-        """metrics.json, atomically: its ``"status": "completed"`` is what marks the run finished."""
+        """metrics.json, atomically: its ``"status": "completed"`` (:data:`COMPLETED`) marks the run finished."""
         atomic_write_json(self.metrics_path, metrics)
 
     def merge_metrics(self, new: dict, path: str | Path | None = None) -> dict:
