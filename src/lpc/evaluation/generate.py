@@ -112,6 +112,28 @@ def latent_z(model, input_ids: torch.Tensor, code: int | None = None, inference:
 
 
 @torch.no_grad()
+def new_tokens(
+    model, tokenizer, ids: torch.Tensor, z, max_new_tokens: int, greedy: bool, temperature: float, top_p: float
+) -> torch.Tensor:
+    """(rows, new) the tokens ``model.lm`` generates after the unpadded prompts ``ids`` with ``z`` (None, one
+    (d,) vector, or a row each) added where the latent adds it; sampling draws from the whole vocabulary
+    (``top_k`` off) unless ``top_p`` cuts it."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+    with conditioned_on(model.lm, z, at=injection_of(model.latent)):
+        seq = model.lm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+    return seq[:, ids.shape[1] :]
+
+
+@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -133,28 +155,15 @@ def generate(
     the same output and the caller's RNG is left untouched."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_code(model.latent, code)
-    lm = model.lm
-    device = next(lm.parameters()).device
+    device = next(model.lm.parameters()).device
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for prompt in prompts:
             ids = torch.tensor([encode_prompt(tokenizer, prompt, chat_template)], device=device)
             z, probs, source = latent_z(model, ids, code, inference)
-            with conditioned_on(lm, z, at=injection_of(model.latent)):
-                seq = lm.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=not greedy,
-                    pad_token_id=pad,
-                    eos_token_id=tokenizer.eos_token_id,
-                    **sampling,
-                )
-            new = seq[0, ids.shape[1] :].tolist()
+            new = new_tokens(model, tokenizer, ids, z, max_new_tokens, greedy, temperature, top_p)[0].tolist()
             out.append(
                 Generation(
                     prompt,

@@ -27,8 +27,9 @@ from lpc.data import encode_prompt
 from lpc.data.synthetic import TOPICS, VERBS, type_rewards
 from lpc.errors import SteeringError  # noqa: F401  (raised here; defined with the others)
 from lpc.evaluation import runs_of
+from lpc.evaluation.generate import new_tokens
 from lpc.evaluation.options import option, parse_command, usage, wants_help
-from lpc.policy import conditioned_on, hidden_states, injection_of
+from lpc.policy import hidden_states
 from lpc.training.checkpoint import load_checkpoint
 from lpc.training.rundir import RunDir
 
@@ -75,32 +76,19 @@ def generate_with_z(
     """``samples`` sampled continuations of each prompt with a fixed z (``(d,)`` or None), batched by
     prompt length so no padding enters the prompt (the prior and the policy see training's positions).
     ``chat_template``: wrap each prompt in the tokenizer's chat template, as a run trained in one saw it."""
-    lm = model.lm
-    device = next(lm.parameters()).device
+    device = next(model.lm.parameters()).device
     encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
     texts: list[list[str]] = [[] for _ in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _, idx in sorted(by_len.items()):
             ids = torch.tensor([encoded[i] for i in idx for _ in range(samples)], device=device)
-            with conditioned_on(lm, z, at=injection_of(model.latent)):
-                seq = lm.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    pad_token_id=pad,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
+            new = new_tokens(model, tokenizer, ids, z, max_new_tokens, False, temperature, 1.0)
             for row, i in enumerate(j for j in idx for _ in range(samples)):
-                texts[i].append(tokenizer.decode(seq[row, ids.shape[1] :], skip_special_tokens=True))
+                texts[i].append(tokenizer.decode(new[row], skip_special_tokens=True))
     return texts
 
 
