@@ -33,7 +33,7 @@ from lpc.errors import ExportError  # noqa: F401  (raised here; defined with the
 from lpc.evaluation import QUESTIONS_DIR, runs_of
 from lpc.evaluation.options import option, parse_command, usage, wants_help
 from lpc.files import atomic_write_text
-from lpc.progress import tracked
+from lpc.progress import quiet_library_bars, tracked
 from lpc.training.checkpoint import load_checkpoint
 from lpc.training.rundir import RunDir
 
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or wants_help(argv):
         print(usage(ExportConfig, __doc__, "lpc-export", run="CHECKPOINT"))
         return 0 if argv else 2
-    from lpc.progress import quiet_library_bars
-
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")  # progress lines
     quiet_library_bars()
     try:

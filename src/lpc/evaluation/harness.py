@@ -90,8 +90,6 @@ def check_eval_node(node) -> None:
     """Config-time check of the training config's ``eval`` node (before any model loads): option types and
     values, ``*_local`` task names, lm-eval installed. Hub task names are checked when the evaluation starts
     (lm-eval's task index takes ~15 s to build)."""
-    from lpc.evaluation import MissingExtra
-
     cfg = load_eval_config(node)
     bad = [t for t in cfg.tasks if t.endswith("_local") and t not in local_task_names()]
     if bad:

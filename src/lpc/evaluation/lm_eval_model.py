@@ -34,7 +34,7 @@ from lpc.policy import conditioned_on, final_norm, injection_of
 require_lm_eval()
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string  # noqa: E402
 
 
 @register_model("lpc")
@@ -85,8 +85,6 @@ class LPCLM(HFLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # lm-eval's `--model_args` entry point
-        from lm_eval.utils import simple_parse_args_string
-
         args = simple_parse_args_string(arg_string)
         args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
         return cls(**args)

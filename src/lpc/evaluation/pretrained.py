@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelHubMixin
+from huggingface_hub import ModelHubMixin, snapshot_download
 
 from lpc.training.checkpoint import export_checkpoint, load_checkpoint
 from lpc.training.rundir import RunDir
@@ -85,8 +85,6 @@ class LPCPolicy(ModelHubMixin, library_name="lpc", tags=["latent-preference-codi
     ) -> LPCPolicy:
         path = Path(model_id).expanduser()
         if not path.exists():  # a hub repo id: the files into the local cache (or from it, offline)
-            from huggingface_hub import snapshot_download
-
             path = Path(
                 snapshot_download(
                     model_id,

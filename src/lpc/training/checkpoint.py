@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -138,8 +138,6 @@ def export_merged(final: str | Path, target: str | Path) -> Path:
 def saved_latent(model_dir: str | Path):
     """``(latent class, its saved config)`` of an exported model, read from ``latent.yaml`` without loading any
     weight (checks of a command's options against the latent); None for a baseline."""
-    from hydra.utils import get_class
-
     path = Path(model_dir) / LATENT_CONFIG
     if not path.exists():
         return None
