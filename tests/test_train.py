@@ -279,7 +279,7 @@ def test_wandb_run_holds_every_metric_and_is_named_by_its_overrides(tmp_path):
     for key in ("eval/pref_accuracy", "train/steps", "data/train_pairs", "eval/pref_accuracy/z_zero"):
         assert summary[key] == metrics[key]
     # a sweep job is named by its overrides (Hydra's override_dirname), not by its number
-    job = "codebook=4,data.n_eval=64,data.n_train=320,latent=discrete,logger.mode=offline,logger=wandb,"
+    job = "codebook=4,data.n_eval=64,data.n_train=320,logger.mode=offline,logger=wandb,"
     job += "trainer.eval_every=0,trainer.log_every=10,trainer.max_steps=10,trainer.save_every=0"
     assert names and names[-1] == job
     logged = [h for h in history if "logits/chosen" in h]  # TRL's names, every log step
