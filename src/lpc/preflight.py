@@ -301,12 +301,10 @@ def child_overrides(cfg: DictConfig, run_dir: str | Path) -> list[str]:
     task = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] != "distributed"]
     task.append(f"distributed={cfg.distributed.name}")
     if hc.mode == RunMode.MULTIRUN and cfg.logger.get("name") == "wandb":
-        from lpc.run import run_name, sweep_group
-
         if not cfg.logger.get("group"):
-            task.append(f"logger.group={_quote(sweep_group())}")
+            task.append(f"logger.group={_quote(rundir.sweep_group())}")
         if not cfg.logger.get("run_name"):
-            task.append(f"logger.run_name={_quote(run_name(Path(run_dir)))}")
+            task.append(f"logger.run_name={_quote(rundir.run_name(Path(run_dir)))}")
     return [*task, f"hydra.run.dir={_quote(str(run_dir))}"]
 
 

@@ -36,26 +36,6 @@ def prepare_pairs(cfg: DictConfig):
     return instantiate(cfg.data).pairs()
 
 
-def sweep_group() -> str | None:
-    """The W&B group of a run launched with -m: the sweep directory's name (None for a single run)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return Path(HydraConfig.get().sweep.dir).name
-
-
-def run_name(run_dir: Path) -> str:
-    """A run's W&B name: in a sweep, the job's own overrides (``algo=dpo,codebook=8``), not its number."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return HydraConfig.get().job.override_dirname or run_dir.name
-    return run_dir.name
-
-
 def wandb_tracker(cfg: DictConfig, run_dir: Path) -> dict | None:
     lg = cfg.logger
     if lg.name != "wandb":
@@ -68,8 +48,8 @@ def wandb_tracker(cfg: DictConfig, run_dir: Path) -> dict | None:
         "resume": "allow",
         "dir": str(run_dir),
         "mode": lg.mode,
-        "name": lg.get("run_name") or run_name(run_dir),
-        "group": lg.get("group") or sweep_group(),
+        "name": lg.get("run_name") or rundir.run_name(run_dir),
+        "group": lg.get("group") or rundir.sweep_group(),
         "tags": list(lg.get("tags") or []),
         "entity": lg.get("entity"),
     }

@@ -253,3 +253,23 @@ class RunDir:
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
+
+
+def sweep_group() -> str | None:
+    """The W&B group of a run launched with -m: the sweep directory's name (None for a single run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+def run_name(run_dir: Path) -> str:
+    """A run's W&B name: in a sweep, the job's own overrides (``algo=dpo,codebook=8``), not its number."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().job.override_dirname or run_dir.name
+    return run_dir.name
