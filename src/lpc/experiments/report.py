@@ -429,6 +429,11 @@ def curve_figure(sweep: dict, cells: dict, paper: dict, x_key: str):
     return fig
 
 
+def run_name(sweep: dict, run: dict) -> str:
+    """A run as the report names it: its directory below the sweep's (``<group>/<key=value,...>`` in a group)."""
+    return run["dir"].relative_to(sweep["sweep_dir"]).as_posix()
+
+
 def latent_section(sweep: dict) -> str:
     """LPC runs whose latent did nothing: z = 0 flips under 1% of the decisions (inert), or shuffling
     z across prompts costs under 1 point (z does not depend on the prompt); and runs whose LM the training
@@ -454,7 +459,7 @@ def latent_section(sweep: dict) -> str:
                 )
             why.append("LM damaged: " + ", ".join(parts))
         if why:
-            flagged.append(f"- `{r['dir'].name}`: " + "; ".join(why))
+            flagged.append(f"- `{run_name(sweep, r)}`: " + "; ".join(why))
     lpc_runs = sum(1 for r in sweep["runs"] if "eval/latent/inert" in (r.get("metrics") or {}))
     if not lpc_runs and not flagged:
         return ""
@@ -504,7 +509,7 @@ def status_section(sweep: dict) -> str:
         lines += [f"### {title}", ""]
         for r in group:
             step = f" (checkpoint step {r['checkpoint_step']})" if r["checkpoint_step"] else ""
-            lines.append(f"- `{r['dir'].name}`{step}")
+            lines.append(f"- `{run_name(sweep, r)}`{step}")
             if r["log_tail"]:
                 lines += ["  ```"] + [f"  {ln}" for ln in r["log_tail"]] + ["  ```"]
             else:
