@@ -49,6 +49,7 @@ def test_groups_are_a_union_of_products_each_in_its_directory():
         ({"grid": {"seed": []}}, "sweep.grid={'seed': []} is not allowed"),
         ({"grid": {"seed": [0]}, "groups": {"a": {"grid": {"seed": [1]}}}}, "sweep.groups.a.grid repeats ['seed']"),
         ({"grid": {"seed": [0]}, "groups": {"a": {"overides": []}}}, "sweep.groups.a has ['overides']"),
+        ({"groups": {"a": {"overrides": ["flip=0.1"]}}}, "sweep.groups.a has no grid and sweep.grid is empty"),
     ],
 )
 def test_a_bad_definition_names_the_key(bad, message):

@@ -68,6 +68,8 @@ def groups(sweep: dict) -> dict[str | None, dict]:
         clash = set(own) & set(shared)
         if clash:
             raise ConfigError(f"sweep.groups.{name}.grid repeats {sorted(clash)} of sweep.grid: say each key once")
+        if not own and not shared:  # a run directory is named by its grid values: one key at least (e.g. seed)
+            raise ConfigError(f"sweep.groups.{name} has no grid and sweep.grid is empty: give either one key")
         out[str(name)] = {"grid": {**own, **shared}, "overrides": list((part or {}).get("overrides") or [])}
     return out
 
