@@ -1,4 +1,4 @@
-"""The pretrained tier's steering table: each code's type reward next to its fluency (docs/synthetic-benchmark.md).
+r"""The pretrained tier's steering table: each code's type reward next to its fluency (docs/synthetic-benchmark.md).
 
     python scripts/steering_pretrained.py RUN_OR_SWEEP... --out DIR
         [--prompts 32] [--samples 4] [--max-new-tokens 16] [--seed 0] [--jobs 2]
