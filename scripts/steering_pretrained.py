@@ -97,7 +97,7 @@ def measure_run(run: Path, sizes: dict) -> dict:
         )
         return texts, time.time() - start
 
-    out = {"run": str(run), "seed": int(cfg.get("seed", 0)), "chat_template": chat, "rows": {}, "seconds": {}}
+    out = {"run": _label(run), "seed": int(cfg.get("seed", 0)), "chat_template": chat, "rows": {}, "seconds": {}}
     out.update(n_types=n_types, conflict=conflict)
     texts0, out["seconds"]["z = 0"] = generate(None)
     row0 = {
@@ -140,6 +140,15 @@ def measure_run(run: Path, sizes: dict) -> dict:
     out["prior_code"] = {src: prior_code(model, tokenizer, [f"[{src}] {p}" for p in prompts], chat) for src in sources}
     out["hidden_norm"] = _hidden_norm(model, tokenizer, prompts, chat)
     return out
+
+
+def _label(run: Path) -> str:
+    """The run as the committed table names it: relative to the working directory, else its last two parts (no
+    absolute path of the machine that measured it)."""
+    try:
+        return str(run.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*run.resolve().parts[-2:]))
 
 
 def _hidden_norm(model, tokenizer, prompts, chat) -> float:
