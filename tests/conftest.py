@@ -147,3 +147,61 @@ def pytest_collection_modifyitems(config, items):
 if "MUTANT_UNDER_TEST" in os.environ and not os.environ.get("LPC_MUTATION_WARM"):
     _warm_up_for_mutation_testing()
     os.environ["LPC_MUTATION_WARM"] = "1"
+
+
+# ------------------------------------------------ in-process trainers (method and training tests)
+def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
+    """A PreferenceTrainer built from a composed config by ``lpc.run.build_trainer`` (in-process).
+
+    z is made non-zero from the start unless a test sets these keys: the codes at the hidden state's norm
+    (``latent.codebook_init=hidden``) behind an open gate (``latent.gate_init=1``: z is the code itself, exactly).
+    These tests check what z does once it is not 0; that z starts at 0 is tests/method/test_policy_starts_at_reference.py's.
+    """
+    from lpc.run import build_trainer
+
+    def unset(key):
+        return not any(o.startswith(f"latent.{key}=") for o in overrides)
+
+    if any(o.startswith("latent=") and o != "latent=none" for o in overrides):
+        if "latent=discrete" in overrides and unset("codebook_init"):
+            overrides = [*overrides, "latent.codebook_init=hidden"]
+        if unset("gate_init"):
+            overrides = [*overrides, "latent.gate_init=1.0"]
+
+    # on_the_fly: the reference is a frozen model run next to the policy (precompute would load cached
+    # log-probs instead and run no reference pass during training at all).
+    cfg = compose(
+        [
+            f"data.n_train={n_train}",
+            f"data.n_eval={n_eval}",
+            "trainer.batch_size=4",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "trainer.reference_logps=on_the_fly",
+            *overrides,
+        ]
+    )
+    return build_trainer(cfg, run_dir)[0]
+
+
+def first_batch(trainer):
+    return next(trainer._micro_batches(0))
+
+
+def evaluate_loaded(model, tokenizer, cfg, run_dir) -> dict:
+    """The trainer's evaluation of a loaded policy on its run's eval set (with the run's reference)."""
+    from accelerate import Accelerator
+    from hydra.utils import instantiate
+
+    from lpc.run import build_datasets, preference_trainer, with_reference_logps
+
+    algo = instantiate(cfg.algo)
+    train_ds, eval_ds, _ = build_datasets(cfg, tokenizer)
+    accelerator, ref = Accelerator(cpu=True), None
+    if algo.needs_reference:
+        ref, _ = instantiate(cfg.model)  # the frozen initial model
+        if cfg.trainer.get("reference_logps", "on_the_fly") == "precompute":  # as build_trainer does
+            _, eval_ds, _ = with_reference_logps(cfg, ref, train_ds, eval_ds, accelerator, tokenizer)
+            ref = None
+    trainer = preference_trainer(cfg, model, ref, tokenizer, eval_ds, eval_ds, run_dir, accelerator)
+    return trainer.evaluate()

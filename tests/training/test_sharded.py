@@ -6,7 +6,7 @@ with ``distributed=zero3`` (only ``--num_processes 2 --mixed_precision no`` diff
 turns FSDP on only for GPU-like devices (a CPU job is ``MULTI_CPU``, i.e. DDP). What has never run is listed in
 docs/distributed.md ("What has run and what has not").
 
-Run as a script (``accelerate launch ... tests/test_sharded.py <train.py arguments>``) this file is the training
+Run as a script (``accelerate launch ... tests/training/test_sharded.py <train.py arguments>``) this file is the training
 entry point (``lpc.run.run``) plus probes that rank 0 writes to ``<run dir>/probe/``: the latent module's initial
 weights and, after step 1, what the optimizer and the ZeRO-3 partitioning hold."""
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
 ZERO3 = SRC / "lpc/training/accelerate/zero3.yaml"
 # LPC-DPO, 3 optimizer steps of 16 pairs (micro-batch 4 x accumulation 2 x 2 processes), a checkpoint at step 2.

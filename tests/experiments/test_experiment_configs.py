@@ -28,7 +28,7 @@ SYNTHETIC_DATA = ["data.n_train=16", "data.n_eval=8"]  # the synthetic generator
 # What an experiment needs beyond TINY to run here, and why.
 SCALE = {"rehearsal": "paper"}  # the rehearsal is the paper recipe (its README); the others default to cpu
 NEEDS = {
-    # one process instead of its 2 nodes x 2 tasks (tests/test_rehearsal.py runs those on the SLURM cluster), on
+    # one process instead of its 2 nodes x 2 tasks (tests/experiments/test_rehearsal.py runs those on the SLURM cluster), on
     # rows generated in the raw UltraFeedback schema (make rehearsal writes them the same way)
     "rehearsal": ["hardware=cpu", "distributed=none", "data.eval_size=8"]
 }
@@ -86,7 +86,7 @@ def test_every_experiment_runs_one_tiny_step(experiment, tmp_path, rehearsal_row
     p = sweep.plan(opts, extra)
     p["jobs"] = covering(p["jobs"])
     p["steer"] = None  # lpc-steer has its own tests; here the runs themselves
-    sweep.write_manifest({**p, "command": "tests/test_experiment_configs.py"})
+    sweep.write_manifest({**p, "command": "tests/experiments/test_experiment_configs.py"})
     assert sweep.run(sweep.multirun_commands(p), parallel=1) == 0, capfd.readouterr().err[-5000:]
     summary = write_report(tmp_path)
     assert (summary["completed"], summary["failed"], summary["missing"]) == (len(p["jobs"]), 0, 0)

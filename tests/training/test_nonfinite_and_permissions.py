@@ -8,9 +8,8 @@ import stat
 
 import pytest
 import torch
-from test_latent import first_batch, make_trainer
 
-from conftest import FAST, read_metrics, run_train
+from conftest import FAST, first_batch, make_trainer, read_metrics, run_train
 
 
 def poison(trainer):

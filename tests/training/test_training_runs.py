@@ -74,7 +74,7 @@ def crash_then_resume(overrides: list[str], run_dir: Path, crash_after: int = 30
     same command in the same run directory."""
     args = with_overrides(overrides, ["trainer.save_every=20"])
     crashed = run_train(
-        args, run_dir, check=False, script=[str(Path(__file__).parent / "crash_after.py"), str(crash_after)]
+        args, run_dir, check=False, script=[str(Path(__file__).parents[1] / "crash_after.py"), str(crash_after)]
     )
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "final").exists()

@@ -54,7 +54,7 @@ def test_the_pretrained_steering_script_measures_every_code_of_a_run(tiny_lpc_ru
 
     from lpc.training.checkpoint import load_checkpoint
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "steering_pretrained.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "steering_pretrained.py"
     spec = importlib.util.spec_from_file_location("steering_pretrained", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -115,7 +115,7 @@ def test_one_multirun_trains_the_baseline_and_lpc(tmp_path):
     assert latents == {"0": ("none", None), "1": ("discrete", 8)}
 
 
-def test_issue_options_exist():
+def test_the_card_s_models_algorithms_data_and_loggers_are_options():
     assert {"tiny", "smollm2", "mistral7b", "llama3_8b", "llama3_8b_instruct"} <= set(options("model"))
     assert {"dpo", "simpo", "ipo"} <= set(options("algo"))
     assert {"none"} <= set(options("latent"))

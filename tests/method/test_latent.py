@@ -11,48 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose, read_metrics, run_train
+from conftest import FAST, evaluate_loaded, first_batch, make_trainer, read_metrics, run_train
 
 
 # ---------------------------------------------------------------------- helpers
-def make_trainer(overrides, run_dir, n_train=32, n_eval=16):
-    """A PreferenceTrainer built from a composed config by ``lpc.run.build_trainer`` (in-process).
-
-    z is made non-zero from the start unless a test sets these keys: the codes at the hidden state's norm
-    (``latent.codebook_init=hidden``) behind an open gate (``latent.gate_init=1``: z is the code itself, exactly).
-    These tests check what z does once it is not 0; that z starts at 0 is tests/test_policy_starts_at_reference.py's.
-    """
-    from lpc.run import build_trainer
-
-    def unset(key):
-        return not any(o.startswith(f"latent.{key}=") for o in overrides)
-
-    if any(o.startswith("latent=") and o != "latent=none" for o in overrides):
-        if "latent=discrete" in overrides and unset("codebook_init"):
-            overrides = [*overrides, "latent.codebook_init=hidden"]
-        if unset("gate_init"):
-            overrides = [*overrides, "latent.gate_init=1.0"]
-
-    # on_the_fly: the reference is a frozen model run next to the policy (precompute would load cached
-    # log-probs instead and run no reference pass during training at all).
-    cfg = compose(
-        [
-            f"data.n_train={n_train}",
-            f"data.n_eval={n_eval}",
-            "trainer.batch_size=4",
-            "trainer.eval_every=0",
-            "trainer.save_every=0",
-            "trainer.reference_logps=on_the_fly",
-            *overrides,
-        ]
-    )
-    return build_trainer(cfg, run_dir)[0]
-
-
-def first_batch(trainer):
-    return next(trainer._micro_batches(0))
-
-
 # ---------------------------------------------------------------------- KL
 def test_categorical_kl_matches_hand_computation():
     from lpc.latent import categorical_kl
@@ -121,7 +83,7 @@ def test_lpc_dpo_with_one_zero_code_and_no_kl_is_exactly_dpo(tmp_path):
     """K = 1 makes q = p = (1) (KL = 0) and every Gumbel-softmax weight 1, so z = e_1; with e_1 = 0 the
     policy is the unconditioned LM. Loss and LM gradients must equal plain DPO's bit for bit."""
     dpo = make_trainer([], tmp_path / "dpo")
-    lpc = make_trainer(["latent=discrete", "codebook=1", "latent.kl_weight=0"], tmp_path / "lpc")
+    lpc = make_trainer(["latent=discrete", "latent.codebook_size=1", "latent.kl_weight=0"], tmp_path / "lpc")
     with torch.no_grad():
         lpc.model.latent.codebook.zero_()
     batch = first_batch(dpo)
@@ -268,25 +230,6 @@ def reload_and_evaluate(run_dir):
     return model, evaluate_loaded(model, tokenizer, cfg, run_dir)
 
 
-def evaluate_loaded(model, tokenizer, cfg, run_dir) -> dict:
-    """The trainer's evaluation of a loaded policy on its run's eval set (with the run's reference)."""
-    from accelerate import Accelerator
-    from hydra.utils import instantiate
-
-    from lpc.run import build_datasets, preference_trainer, with_reference_logps
-
-    algo = instantiate(cfg.algo)
-    train_ds, eval_ds, _ = build_datasets(cfg, tokenizer)
-    accelerator, ref = Accelerator(cpu=True), None
-    if algo.needs_reference:
-        ref, _ = instantiate(cfg.model)  # the frozen initial model
-        if cfg.trainer.get("reference_logps", "on_the_fly") == "precompute":  # as build_trainer does
-            _, eval_ds, _ = with_reference_logps(cfg, ref, train_ds, eval_ds, accelerator, tokenizer)
-            ref = None
-    trainer = preference_trainer(cfg, model, ref, tokenizer, eval_ds, eval_ds, run_dir, accelerator)
-    return trainer.evaluate()
-
-
 EVAL_KEYS = ("eval/pref_accuracy", "eval/margin", "eval/loss", "eval/rewards/chosen", "eval/rewards/rejected")
 
 
@@ -305,7 +248,7 @@ FRESH = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
 from lpc.evaluation.pretrained import LPCPolicy
-from test_latent import evaluate_loaded
+from conftest import evaluate_loaded
 
 policy = LPCPolicy.from_pretrained(sys.argv[1])
 out = {"metrics": evaluate_loaded(policy.model, policy.tokenizer, policy.run_config, sys.argv[1])}
@@ -328,9 +271,8 @@ def test_one_call_loads_a_saved_lpc_policy_in_a_fresh_process(tiny_lpc_run, tmp_
     assert (saved / "latent.safetensors").exists() and "library_name: lpc" in (saved / "README.md").read_text()
 
     script = FRESH.replace("PROMPT", repr(PROMPT))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(saved), str(Path(__file__).parent)], capture_output=True, text=True
-    )
+    tests_dir = str(Path(__file__).parents[1])  # where conftest (and its evaluate_loaded) lives
+    proc = subprocess.run([sys.executable, "-c", script, str(saved), tests_dir], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = read_metrics(tiny_lpc_run)
@@ -545,7 +487,7 @@ def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
         ("latent.temperature_min=-1", "latent.temperature_min"),
         ("latent.kl_weight=abc", "latent.kl_weight"),  # not a number: the key, not a TypeError
         ("latent.mix_start=2", "latent.mix_start"),
-        ("codebook=2.5", "codebook"),
+        ("latent.codebook_size=2.5", "latent.codebook_size"),  # codebook=K outside the group: test_config
     ],
 )
 def test_bad_new_latent_options_are_config_errors(tmp_path, override, key):
