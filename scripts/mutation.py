@@ -38,10 +38,10 @@ SCOPE = [
     # end through lpc-train in subprocesses, which mutmut cannot link to a function)
     *[f"lpc.latent.x_{f}__mutmut_*" for f in ("mixing_weight", "annealed_temperature", "kl_warmup_weight")],
     *[f"lpc.latent.x_{f}__mutmut_*" for f in ("categorical_kl", "gaussian_kl")],
-    *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("combine", "g", "kl_weight_at")],
+    *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("combine", "g", "kl_weight_at", "gated")],
     *[f"{_D}{f}__mutmut_*" for f in ("calibrate", "code_vector", "tau", "_sample", "prior_z", "prior_logits")],
-    f"{_D}forward__mutmut_*",
-    *[f"{_C}{f}__mutmut_*" for f in ("calibrate", "_params", "_sample", "prior_z", "forward")],
+    *[f"{_D}{f}__mutmut_*" for f in ("codes", "_prior_z_of", "prior_probs", "forward")],
+    *[f"{_C}{f}__mutmut_*" for f in ("calibrate", "_params", "_sample", "scale", "prior_z", "forward")],
     "lpc.latent.xǁLatentOutputǁanalysis__mutmut_*",
     # modeling: how z enters the scored log-probs
     *[f"lpc.policy.x_{f}__mutmut_*" for f in ("hidden_states", "encode", "response_logps", "gather_rows")],
@@ -67,6 +67,10 @@ SCOPE = [
             "final_analysis",
         )
     ],
+    # the LM-integrity probe's verdict (lm/damaged and the figures it reads) and its helpers; not the NLL and greedy
+    # decoding loops, which test_integrity checks against a hand-written forward but which cost a tiny LM per mutant
+    *[f"lpc.evaluation.integrity.x_{f}__mutmut_*" for f in ("repeat_rate", "codes_to_probe", "eval_text_nll")],
+    "lpc.evaluation.integrity.xǁLMProbeǁmeasure__mutmut_*",
     # the data checks and the label flips
     *[f"lpc.data.x_{f}__mutmut_*" for f in ("bad_row_reason", "check_rows", "_drop_bad", "flip_labels")],
 ]
