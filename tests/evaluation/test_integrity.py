@@ -120,7 +120,7 @@ def test_the_report_lists_damaged_runs(tmp_path):
             },
         },
     ]
-    text = latent_section({"runs": runs})
+    text = latent_section({"runs": runs, "sweep_dir": tmp_path})
     assert "1 runs flagged (1 LPC runs" in text
     assert "`broken`: LM damaged: the prior's z changes plain text's NLL by +180.0%, greedy answers repeat 75%" in text
     assert "`ok`" not in text
