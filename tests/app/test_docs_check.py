@@ -144,6 +144,25 @@ def test_synthetic_benchmark_runs_per_group_by_hand():
     }
 
 
+def test_a_group_or_total_the_doc_miscounts_fails(tmp_path, capsys):
+    """docs/synthetic-benchmark.md's group table and steering count against the experiment's runs: one group's row
+    and the steered count edited fail on exactly those."""
+    docs_check = load_docs_check()
+    root = copy_docs(tmp_path)
+    doc = root / "docs" / "synthetic-benchmark.md"
+    text = doc.read_text()
+    for old, new in (("| 30 |", "| 31 |"), ("the steering of 10 of them", "the steering of 20 of them")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    doc.write_text(text)
+    assert docs_check.main(["--root", str(root), "--only", "synthetic-runs"]) == 1
+    fails = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FAIL")]
+    assert fails == [
+        "FAIL docs/synthetic-benchmark.md: runs of group conflict1-visible: claimed 31, measured 30",
+        "FAIL docs/synthetic-benchmark.md: runs lpc-steer analyses: claimed 20, measured 10",
+    ]
+
+
 # ---------------------------------------------------------------------- expensive tables: provenance
 def synthetic_spec() -> dict:
     from omegaconf import OmegaConf
