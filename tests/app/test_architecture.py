@@ -154,7 +154,7 @@ def test_a_new_loss_needs_only_its_class_and_a_config(tmp_path):
 
     from conftest import FAST, read_metrics, run_train
 
-    here = str(Path(__file__).resolve().parent)
+    here = os.pathsep.join(str(d) for d in Path(__file__).resolve().parents[:2])  # this module and its conftest
     proc = run_train(
         FAST
         + [
