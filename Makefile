@@ -87,11 +87,17 @@ reproduce-all: reproduce-table1 reproduce-table2 reproduce-codebook reproduce-no
 # 10 seeds in five data settings, ablations of the latent's defaults and a convergence check (150 runs), lpc-steer on
 # the headline LPC runs, then the report. Two multiruns at a time, one thread per run.
 # The pretrained tier (experiments/synthetic_pretrained/README.md): SmolLM2-135M-Instruct, DPO vs LPC-DPO, 3 seeds.
-.PHONY: benchmark-synthetic benchmark-pretrained
+# steering-pretrained: each code's type reward next to its fluency on the pretrained tier's LPC runs
+# (scripts/steering_pretrained.py; ~15 min a run on one core), into docs/assets/lpc-mechanisms/pretrained/.
+.PHONY: benchmark-synthetic benchmark-pretrained steering-pretrained
 benchmark-synthetic: install
 	OMP_NUM_THREADS=1 $(SWEEP) experiment=synthetic_benchmark --parallel 2 $(ARGS)
 benchmark-pretrained: install
 	OMP_NUM_THREADS=1 $(SWEEP) experiment=synthetic_pretrained --parallel 2 $(ARGS)
+PRETRAINED_DIR ?= outputs/sweeps/synthetic_pretrained-cpu
+steering-pretrained: install
+	OMP_NUM_THREADS=1 $(PY) scripts/steering_pretrained.py $(PRETRAINED_DIR) \
+	  --prompts 16 --samples 4 --max-new-tokens 16 --jobs 2 --out docs/assets/lpc-mechanisms/pretrained
 
 # The dress rehearsal of the paper recipe (docs/slurm.md): lpc-sweep experiment=rehearsal scale=paper as a SLURM job
 # array on the local cluster (started first if it is not running; that needs root), each job 2 nodes x 2 CPU tasks
