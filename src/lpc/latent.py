@@ -429,9 +429,9 @@ class ContinuousLatent(Latent):
     def __init__(
         self,
         hidden_size: int,
+        inference: str = "mean",
         init_logvar: float = 0.0,
         mean_scale: float = 1.0,
-        inference: str = "mean",
         name: str = "continuous",
         **common,
     ):

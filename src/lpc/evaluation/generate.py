@@ -219,19 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     chat = opts.chat_template == "true" or (
         opts.chat_template == "auto" and bool(cfg is not None and cfg.get("data", {}).get("chat_template", False))
     )
-    results = generate(
-        model,
-        tokenizer,
-        opts.prompt,
-        code=opts.code,
-        max_new_tokens=opts.max_new_tokens,
-        seed=opts.seed,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        greedy=opts.greedy,
-        chat_template=bool(chat and tokenizer.chat_template),
-        inference=opts.inference,
-    )
+    # The options named like generate()'s parameters are passed as they are; chat_template is resolved above.
+    sampling = {k: getattr(opts, k) for k in ("code", "max_new_tokens", "seed", "temperature", "top_p", "greedy")}
+    chat = bool(chat and tokenizer.chat_template)
+    results = generate(model, tokenizer, opts.prompt, **sampling, chat_template=chat, inference=opts.inference)
     for r in results:
         print(f"### prompt: {r.prompt}")
         print(f"### z: {r.z_source}")

@@ -186,26 +186,13 @@ class RunDir:
         return cls(path, path)
 
     # ---------------------------------------------------------------- layout
-    @property
-    def final(self) -> Path:
-        return self.path / FINAL
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def analysis(self) -> Path:
-        """Plots and tables of the analyses (the latent analysis, LM integrity, steering)."""
-        return self.path / ANALYSIS
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.path / CHECKPOINTS
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+    final = property(lambda self: self.path / FINAL, doc="The exported model (final/).")
+    metrics_path = property(lambda self: self.path / METRICS, doc="The final metrics (metrics.json).")
+    analysis = property(
+        lambda self: self.path / ANALYSIS, doc="Plots and tables: latent analysis, LM integrity, steering."
+    )
+    checkpoints_dir = property(lambda self: self.path / CHECKPOINTS, doc="The checkpoints (checkpoints/step-N).")
+    name = property(lambda self: self.path.name, doc="The run's name: its directory's.")
 
     # ---------------------------------------------------------------- the model
     def has_model(self) -> bool:
