@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, evaluate_loaded, first_batch, make_trainer, read_metrics, run_train
+from conftest import FAST, compose, evaluate_loaded, first_batch, make_trainer, read_metrics, run_train
 
 
 # ---------------------------------------------------------------------- helpers
@@ -303,21 +303,37 @@ def test_continuous_run_trains_and_reloads(tiny_continuous_run):
 
 
 # ---------------------------------------------------------------------- config errors
-@pytest.mark.parametrize(
-    "override,key",
-    [
-        ("latent.codebook_size=0", "latent.codebook_size"),
-        ("latent.temperature=0", "latent.temperature"),
-        ("latent.kl_weight=-1", "latent.kl_weight"),
-        ("latent.mix_schedule=bogus", "latent.mix_schedule"),
-        ("latent.inference=bogus", "latent.inference"),
-    ],
-)
-def test_bad_latent_values_fail_before_any_model_loads(tmp_path, override, key):
-    proc = run_train(["latent=discrete", override], tmp_path, check=False, timeout=120)
+BAD_LATENT_OPTIONS = [
+    ("latent.codebook_size=0", "latent.codebook_size"),
+    ("latent.codebook_size=2.5", "latent.codebook_size"),  # codebook=K outside the group: test_config
+    ("latent.temperature=0", "latent.temperature"),
+    ("latent.temperature_min=-1", "latent.temperature_min"),
+    ("latent.kl_weight=-1", "latent.kl_weight"),
+    ("latent.kl_weight=abc", "latent.kl_weight"),  # not a number: the key, not a TypeError
+    ("latent.mix_schedule=bogus", "latent.mix_schedule"),
+    ("latent.mix_start=2", "latent.mix_start"),
+    ("latent.inference=bogus", "latent.inference"),
+    ("latent.codebook_init=bogus", "latent.codebook_init"),
+    ("latent.lr_multiplier=0", "latent.lr_multiplier"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD_LATENT_OPTIONS)
+def test_bad_latent_options_are_config_errors_naming_the_key(override, key):
+    """In-process: validate builds the latent (on the meta device) and its constructor refuses the value."""
+    from lpc.config import validate
+    from lpc.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["latent=discrete", override]))
+    assert key in str(err.value) and "not allowed" in str(err.value)
+
+
+def test_a_bad_latent_option_stops_the_entry_point_before_any_model_loads(tmp_path):
+    proc = run_train(["latent=discrete", "latent.temperature=0"], tmp_path, check=False, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
-    assert f"{key}=" in out and "is not allowed" in out, out
+    assert "latent.temperature=" in out and "is not allowed" in out, out
     assert not (tmp_path / "final").exists() and not (tmp_path / "metrics.json").exists()
     assert not (tmp_path / "checkpoints").exists()
 
@@ -477,24 +493,6 @@ def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
     torch.testing.assert_close(pairs["margin/z_shuffled"], shuffled)
     torch.testing.assert_close(pairs["chosen_rewards"] - pairs["rejected_rewards"], own)
     assert (shuffled - own).abs().max() > 1e-3  # an unshuffled z would fail the first check
-
-
-@pytest.mark.parametrize(
-    "override,key",
-    [
-        ("latent.codebook_init=bogus", "latent.codebook_init"),
-        ("latent.lr_multiplier=0", "latent.lr_multiplier"),
-        ("latent.temperature_min=-1", "latent.temperature_min"),
-        ("latent.kl_weight=abc", "latent.kl_weight"),  # not a number: the key, not a TypeError
-        ("latent.mix_start=2", "latent.mix_start"),
-        ("latent.codebook_size=2.5", "latent.codebook_size"),  # codebook=K outside the group: test_config
-    ],
-)
-def test_bad_new_latent_options_are_config_errors(tmp_path, override, key):
-    proc = run_train(["latent=discrete", override], tmp_path, check=False, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out
-    assert key in out, out
 
 
 # ---------------------------------------------------------------------- the method's terms through the trainer
