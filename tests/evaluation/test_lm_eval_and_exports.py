@@ -271,20 +271,15 @@ def test_one_bos_with_and_without_a_bos_template(dpo_ckpt):
     assert plain == templated
 
 
+SMALL_EXPORT = {"max_new_tokens": 4, "limit": 2, "model_id": "tiny-lpc", "device": "cpu"}
+
+
 def test_exports_match_the_tools_schemas(tiny_lpc_run, tmp_path):
     from lpc.evaluation import QUESTIONS_DIR
     from lpc.evaluation.export import ExportConfig, export, load_questions
 
     a = export(
-        tiny_lpc_run,
-        ExportConfig(
-            format="alpaca_eval",
-            out=str(tmp_path / "model_outputs.json"),
-            max_new_tokens=4,
-            limit=2,
-            model_id="tiny-lpc",
-            device="cpu",
-        ),
+        tiny_lpc_run, ExportConfig(format="alpaca_eval", out=str(tmp_path / "model_outputs.json"), **SMALL_EXPORT)
     )
     rows = json.loads(a.read_text())
     qs = load_questions(QUESTIONS_DIR / "alpaca_eval_tiny.json", "alpaca_eval")
@@ -294,17 +289,7 @@ def test_exports_match_the_tools_schemas(tiny_lpc_run, tmp_path):
         assert all(isinstance(v, str) for v in row.values())
         assert (row["instruction"], row["generator"], row["dataset"]) == (q["instruction"], "tiny-lpc", q["dataset"])
 
-    m = export(
-        tiny_lpc_run,
-        ExportConfig(
-            format="mt_bench",
-            out=str(tmp_path / "tiny-lpc.jsonl"),
-            max_new_tokens=4,
-            limit=2,
-            model_id="tiny-lpc",
-            device="cpu",
-        ),
-    )
+    m = export(tiny_lpc_run, ExportConfig(format="mt_bench", out=str(tmp_path / "tiny-lpc.jsonl"), **SMALL_EXPORT))
     lines = [json.loads(ln) for ln in m.read_text().splitlines()]
     qs = load_questions(QUESTIONS_DIR / "mt_bench_tiny.jsonl", "mt_bench")
     assert len(lines) == 2
