@@ -76,9 +76,11 @@ def rehearsal_rows(tmp_path_factory):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_one_tiny_step(experiment, tmp_path, rehearsal_rows, capfd):
     scale = SCALE.get(experiment, "cpu")
-    base = [f"experiment={experiment}", f"scale={scale}"]
+    # launcher=local: in-process, one after the other. scale=paper selects SLURM, whose controller only the
+    # slurm-marked tests start (tests/experiments/test_rehearsal.py submits this experiment there).
+    base = [f"experiment={experiment}", f"scale={scale}", "launcher=local"]
     extra = TINY + NEEDS.get(experiment, [])
-    if compose(base).data.name == "synthetic":
+    if compose(base[:2]).data.name == "synthetic":
         extra += SYNTHETIC_DATA
     if experiment == "rehearsal":
         extra.append(f"data.path={rehearsal_rows}")
