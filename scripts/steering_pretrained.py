@@ -17,10 +17,10 @@ code k of its codebook, plus z = 0:
   under that code, over the same LM with z = 0 and over the reference (the base model), and the repeated-3-gram rate
   of the sampled responses (``integrity.repeat_rate``, over their tokens).
 
-One shortcut, exact: codes start at 0 (``latent.codebook_init=zeros``) and a code the posterior never picked keeps
-its zero vector, which adds nothing to the LM head's input; its generations are z = 0's, token for token. So every
-distinct code vector is generated once, and the first all-zero code is generated anyway to check that equality (the
-JSON records it). Also per run, as ``lpc-steer`` reports them: the best code per type (chosen on the first half of
+One shortcut, exact: codes start at 0 (``latent.codebook_init=zeros``) and the codes the posterior never picked keep
+one shared vector (0, or with ``latent.center=usage`` minus the used codes' usage-weighted mean), so identical vectors
+are generated once. A zero vector adds nothing to the LM head's input and its generations are z = 0's, token for
+token: the first all-zero code is generated anyway to check that equality (the JSON records it). Also per run, as ``lpc-steer`` reports them: the best code per type (chosen on the first half of
 the prompts, its rewards on the second half) and the prior's code for prompts tagged with each type's source.
 A run without a latent (DPO) and the base model give the z = 0 row of a policy without a latent.
 

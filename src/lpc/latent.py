@@ -45,6 +45,8 @@ CONTINUOUS_INFERENCE = ("mean", "sample")
 Z_POSITIONS = ("response", "all")
 Z_INJECTIONS = ("head", "pre_norm")
 CODEBOOK_INITS = ("hidden", "normal", "zeros")
+CODE_CENTERS = ("none", "usage", "batch")
+HEAD_INPUTS = ("raw", "centered")
 
 
 @dataclass
@@ -115,6 +117,31 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
 
+class CenteredInput(nn.Module):
+    """A head's input less its running mean over training batches, scaled to unit RMS per row.
+
+    Why: a pretrained LM's state at the last prompt (or response) token is mostly the same for every pair (the
+    chat template ends every prompt with the same tokens), so a head at the latent's learning rate moves every
+    pair's logits the same way and the prior picks one code for all. Centred, what the head reads is how a pair
+    differs from the others. The first training batch sets the mean; later ones move it by ``momentum``; the
+    mean is a buffer (saved with the weights), so evaluation and a resumed run read the same one."""
+
+    def __init__(self, dim: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("batches", torch.zeros(1, dtype=torch.long))  # (1,), not 0-d: as the gate, for ZeRO-3
+
+    def forward(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
+        if update:
+            with torch.no_grad():
+                batch = x.detach().mean(0).to(self.mean.dtype)
+                self.mean.copy_(batch if int(self.batches) == 0 else self.mean.lerp(batch, self.momentum))
+                self.batches += 1
+        y = x - self.mean.to(x.dtype, copy=True)
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class Latent(nn.Module, abc.ABC):
     """What every latent is to the rest of the package: the policy, the trainer, evaluation, generation and
     steering use this interface and nothing else, so a new latent is a subclass here and a config file.
@@ -141,7 +168,9 @@ class Latent(nn.Module, abc.ABC):
     ``gate_init`` the start of a learned scalar gain on z (0: z = 0 at step 0, the policy is the
     reference; None: no gain, z is the code itself); ``lr`` the latent's absolute learning rate (None:
     the LM's x ``lr_multiplier``); ``head_lr`` the prior and posterior heads' (None: ``lr``'s); ``lm_kl_weight`` mu of a penalty mu x KL(pi(.|x,z) || pi(.|x,0)) per
-    response token, read by the policy and the trainer (0: off)."""
+    response token, read by the policy and the trainer (0: off); ``head_input`` raw | centered (the heads read
+    their input less its running mean, at unit RMS: :class:`CenteredInput`); ``running_momentum`` the update rate
+    of the latent's running statistics (the heads' input means, the discrete codes' usage)."""
 
     kind: ClassVar[str]
     inference_modes: ClassVar[tuple[str, ...]]
@@ -166,8 +195,12 @@ class Latent(nn.Module, abc.ABC):
         lr: float | None = None,
         head_lr: float | None = None,
         lm_kl_weight: float = 0.0,
+        head_input: str = "raw",
+        running_momentum: float = 0.05,
     ):
         super().__init__()
+        check_choice("latent.head_input", head_input, HEAD_INPUTS)
+        require_number("latent.running_momentum", running_momentum, "a number in (0, 1]", lambda v: 0 < v <= 1)
         check_choice("latent.posterior_input", posterior_input, POSTERIOR_INPUTS)
         check_choice("latent.mix_schedule", mix_schedule, SCHEDULES)
         check_choice("latent.z_positions", z_positions, Z_POSITIONS)
@@ -199,6 +232,19 @@ class Latent(nn.Module, abc.ABC):
         self.mix = dict(schedule=mix_schedule, start=mix_start, end=mix_end, value=mix_value)
         self.head_hidden_size = head_hidden_size or hidden_size
         self.posterior_in = {"concat": 2, "diff": 1, "concat_diff": 3}[posterior_input] * hidden_size
+        self.head_input, self.running_momentum = head_input, float(running_momentum)
+        if head_input == "centered":
+            self.prior_input = CenteredInput(hidden_size, self.running_momentum)
+            self.posterior_input_stats = CenteredInput(self.posterior_in, self.running_momentum)
+
+    def prior_features(self, h_prompt: torch.Tensor, update: bool = False) -> torch.Tensor:
+        """What the prior head reads (``update``: a training batch, which moves the running mean)."""
+        x = h_prompt.to(self.dtype)
+        return self.prior_input(x, update) if self.head_input == "centered" else x
+
+    def posterior_features(self, h_chosen, h_rejected, update: bool = False) -> torch.Tensor:
+        x = self.combine(h_chosen, h_rejected).to(self.dtype)
+        return self.posterior_input_stats(x, update) if self.head_input == "centered" else x
 
     def combine(self, h_chosen, h_rejected):
         """The posterior's input; ``concat`` keeps the order, so the preference direction is visible."""
@@ -281,9 +327,11 @@ class DiscreteLatent(Latent):
         inference: str = "expectation",
         name: str = "discrete",
         gate_init: float | None = None,
+        center: str = "none",
         **common,
     ):
         super().__init__(hidden_size, name=name, gate_init=gate_init, **common)
+        check_choice("latent.center", center, CODE_CENTERS)
         if codebook_init == "zeros" and gate_init == 0:
             raise ValueError(
                 "latent.gate_init=0 with latent.codebook_init=zeros: z = gate x code would get no gradient (both "
@@ -308,6 +356,16 @@ class DiscreteLatent(Latent):
         self.codebook = nn.Parameter(torch.randn(codebook_size, hidden_size) * std)
         self.prior = _mlp(hidden_size, self.head_hidden_size, codebook_size)
         self.posterior = _mlp(self.posterior_in, self.head_hidden_size, codebook_size)
+        # center="usage": every code is measured from the codes' mean under their running usage u, so the average
+        # z over the pairs is 0. What all pairs share (the common direction of the DPO gradient) then cannot enter
+        # z, whose codes learn only from how their pairs differ from the rest (the gradient on code j is
+        # sum_i g_i (w_ij - u_j)): one code taking every pair is z = 0, not a shared offset. center="batch" centres
+        # a training batch on its own mean code weights (gradient included: a pair's code is then chosen by how
+        # its gradient differs from the batch's, so the pairs gain nothing by all moving to one code before u
+        # catches up); evaluation and generation, with no batch to speak of, use u as center=usage does.
+        self.center = center
+        if center != "none":
+            self.register_buffer("usage", torch.full((codebook_size,), 1.0 / codebook_size))
 
     def calibrate(self, hidden_norm: float) -> None:
         if self.codebook_init == "hidden":
@@ -316,8 +374,11 @@ class DiscreteLatent(Latent):
                 self.codebook.mul_(self.codebook_init_scale * hidden_norm / rows)
 
     def codes(self) -> torch.Tensor:
-        """The K vectors z is made of: the codebook through the gate."""
-        return self.gated(self.codebook)
+        """The K vectors z is made of: the codebook (centred on its usage, with center=usage) through the gate."""
+        book = self.codebook
+        if self.center != "none":
+            book = book - self.usage.to(book.dtype, copy=True) @ book  # a copy: training updates the buffer in place
+        return self.gated(book)
 
     @property
     def num_codes(self) -> int:
@@ -335,8 +396,12 @@ class DiscreteLatent(Latent):
     def tau(self, progress: float) -> float:
         return annealed_temperature(progress, self.temperature, self.temperature_min)
 
+    def _draw(self, logits, tau: float) -> torch.Tensor:
+        """(B, K) Gumbel-softmax code weights (one-hot with ``hard``)."""
+        return F.gumbel_softmax(logits, tau=tau, hard=self.hard)
+
     def _sample(self, logits, tau: float):
-        return F.gumbel_softmax(logits, tau=tau, hard=self.hard) @ self.codes()
+        return self._draw(logits, tau) @ self.codes()
 
     def prior_z(self, h_prompt: torch.Tensor, inference: str | None = None) -> torch.Tensor:
         return self._prior_z_of(self.prior_logits(h_prompt), inference)
@@ -354,16 +419,17 @@ class DiscreteLatent(Latent):
             return F.gumbel_softmax(p_logits, tau=self.temperature, hard=True) @ self.codes()
         raise ValueError(f"latent.inference must be one of {DISCRETE_INFERENCE}, got {mode!r}")
 
-    def prior_logits(self, h_prompt):
-        return self.prior(h_prompt.to(self.dtype))
+    def prior_logits(self, h_prompt, update: bool = False):
+        return self.prior(self.prior_features(h_prompt, update))
 
     def forward(
         self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train"
     ) -> LatentOutput:
-        p_logits = self.prior_logits(h_prompt)
+        train = mode == "train"
+        p_logits = self.prior_logits(h_prompt, update=train)
         q_logits = None
         if h_chosen is not None:
-            q_logits = self.posterior(self.combine(h_chosen, h_rejected).to(self.dtype))
+            q_logits = self.posterior(self.posterior_features(h_chosen, h_rejected, update=train))
         tau = self.tau(progress)
         z_post = None
         if mode == "train":
@@ -371,11 +437,17 @@ class DiscreteLatent(Latent):
                 raise ValueError("training needs the posterior's inputs (h_chosen, h_rejected)")
             g = self.g(progress)
             # Only the samples that enter z are drawn (g = 0 or 1 at the ends of the schedule).
-            z = 0.0
-            if g > 0:
-                z = z + g * self._sample(p_logits, tau)
-            if g < 1:
-                z = z + (1.0 - g) * self._sample(q_logits, tau)
+            w = 0.0
+            for weight, logits in ((g, p_logits), (1.0 - g, q_logits)):  # the prior's draw first
+                if weight > 0:
+                    w = w + weight * self._draw(logits, tau)
+            if self.center == "batch":  # the batch's own mean code weights, with their gradient
+                z = (w - w.mean(0)) @ self.gated(self.codebook)
+            else:
+                z = w @ self.codes()  # center=usage: centred on the running usage before this batch
+            if self.center != "none":
+                with torch.no_grad():
+                    self.usage.lerp_(w.detach().mean(0).to(self.usage.dtype), self.running_momentum)
         elif mode == "prior":
             g, z = 1.0, self._prior_z_of(p_logits)
             if q_logits is not None:
@@ -453,8 +525,8 @@ class ContinuousLatent(Latent):
         self.z_scale.fill_(self.mean_scale * hidden_norm / math.sqrt(self.hidden_size))
 
     def _params(self, head, x):
-        """(mu, logvar) of u, the latent in units of z_scale."""
-        mu, logvar = head(x.to(self.dtype)).chunk(2, -1)
+        """(mu, logvar) of u, the latent in units of z_scale, from the head's (prepared) input ``x``."""
+        mu, logvar = head(x).chunk(2, -1)
         return mu, logvar.clamp(-20.0, 10.0)
 
     @staticmethod
@@ -466,14 +538,17 @@ class ContinuousLatent(Latent):
         return self.gated(self.z_scale)
 
     def prior_z(self, h_prompt: torch.Tensor, inference: str | None = None) -> torch.Tensor:
-        mu, logvar = self._params(self.prior, h_prompt)
+        mu, logvar = self._params(self.prior, self.prior_features(h_prompt))
         return self.scale() * (mu if (inference or self.inference) == "mean" else self._sample(mu, logvar))
 
     def forward(
         self, h_prompt, h_chosen=None, h_rejected=None, progress: float = 1.0, mode: str = "train"
     ) -> LatentOutput:
-        mu_p, lv_p = self._params(self.prior, h_prompt)
-        post = self._params(self.posterior, self.combine(h_chosen, h_rejected)) if h_chosen is not None else None
+        train = mode == "train"
+        mu_p, lv_p = self._params(self.prior, self.prior_features(h_prompt, update=train))
+        post = None
+        if h_chosen is not None:
+            post = self._params(self.posterior, self.posterior_features(h_chosen, h_rejected, update=train))
         z_post = None
         if mode == "train":
             if post is None:

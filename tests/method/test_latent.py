@@ -314,6 +314,8 @@ BAD_LATENT_OPTIONS = [
     ("latent.mix_start=2", "latent.mix_start"),
     ("latent.inference=bogus", "latent.inference"),
     ("latent.codebook_init=bogus", "latent.codebook_init"),
+    ("latent.center=bogus", "latent.center"),
+    ("latent.running_momentum=0", "latent.running_momentum"),
     ("latent.lr_multiplier=0", "latent.lr_multiplier"),
 ]
 
@@ -358,8 +360,10 @@ def test_codebook_is_calibrated_to_the_hidden_state_norm(tmp_path):
 @pytest.mark.parametrize(
     "options,rates",
     [
-        (["latent.lr=null", "latent.lr_multiplier=10"], [1e-3, 1e-2, 1e-2]),  # a multiple of the LM's
-        (["latent.lr=3e-2"], [1e-3, 3e-2, 3e-2]),  # its own absolute rate (the lr_multiplier is not read)
+        ([], [1e-3, 1e-2, 3e-3]),  # the defaults: the codes' own rate, the heads' own
+        # a multiple of the LM's
+        (["latent.lr=null", "latent.lr_multiplier=10", "latent.head_lr=null"], [1e-3, 1e-2, 1e-2]),
+        (["latent.lr=3e-2", "latent.head_lr=null"], [1e-3, 3e-2, 3e-2]),  # its own rate (lr_multiplier not read)
         (["latent.lr=3e-2", "latent.head_lr=1e-4", "latent.lr_multiplier=10"], [1e-3, 3e-2, 1e-4]),
     ],
 )

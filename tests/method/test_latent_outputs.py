@@ -54,7 +54,7 @@ def test_continuous_heads_clamp_the_log_variance():
     torch.testing.assert_close(logvar, torch.tensor([[10.0, -20.0]] * 2))
     torch.testing.assert_close(mu, torch.zeros(2, 2))
     lat.double()  # hidden states in another dtype are cast to the heads'
-    assert lat._params(lat.prior, H)[0].dtype == torch.float64
+    assert lat._params(lat.prior, lat.prior_features(H))[0].dtype == torch.float64
 
 
 def test_continuous_sample_is_reparameterised():
@@ -278,7 +278,7 @@ def test_agreement_and_entropy_with_prompts_on_different_codes():
     """Rows whose prior argmax differs (codes 2 and 0): per-row agreement; K = 2 normalises by ln 2."""
     lat = discrete()
     logits = torch.tensor([[0.3, 0.3, 0.4], [0.9, 0.05, 0.05]]).log()
-    lat.prior_logits = lambda h: logits
+    lat.prior_logits = lambda h, update=False: logits
     out = lat(H, mode="prior")  # no posterior input: q = p, agreement 1
     assert out.metrics["latent/prior_posterior_agreement"].item() == 1.0
     assert out.analysis()["prior_code"].tolist() == [2, 0]
@@ -340,3 +340,90 @@ def test_zero_codes_give_z_zero_and_grow_from_their_own_pairs():
     # straight-through one-hot samples: each code's gradient is the number of rows that drew it (x d sum / d z = 1)
     assert sorted(lat.codebook.grad[:, 0].tolist()) == sorted(lat.codebook.grad[:, 1].tolist())
     assert lat.codebook.grad.sum().item() == pytest.approx(2 * 2 * tau)  # 2 rows, 2 dimensions
+
+
+def test_centred_codes_are_measured_from_their_running_usage_by_hand():
+    """center=usage: code k is e_k - sum_j u_j e_j for the running usage u; a training batch is centred on the
+    usage before it, then u moves toward the batch's mean code weights by center_momentum."""
+    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, center="usage", running_momentum=0.25)
+    constant_head(lat.prior, P.log().tolist())
+    constant_head(lat.posterior, Q.log().tolist())
+    with torch.no_grad():
+        lat.codebook.copy_(E)
+    u0 = torch.full((3,), 1 / 3)
+    torch.testing.assert_close(lat.usage, u0)  # uniform before any batch
+    torch.testing.assert_close(lat.codes(), E - u0 @ E)  # E's mean row (1/3, 2/3) off every code
+    torch.manual_seed(0)
+    w_q = torch.nn.functional.gumbel_softmax(Q.log().expand(2, 3), tau=1.0, hard=True)
+    torch.manual_seed(0)
+    out = lat(H, HW, HL, progress=0.0)  # g = 0: the posterior's one-hot samples
+    torch.testing.assert_close(out.z, w_q @ (E - u0 @ E))
+    u1 = 0.75 * u0 + 0.25 * w_q.mean(0)
+    torch.testing.assert_close(lat.usage, u1)
+    # the gradient of sum_i g_i . z_i on code j is sum_i g_i (w_ij - u_j): what the pairs share cancels
+    g = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    (g * out.z).sum().backward()
+    torch.testing.assert_close(lat.codebook.grad, (w_q - u0).T @ g)
+    shared = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # the same gradient for both rows, with usage = their mean
+    with torch.no_grad():
+        lat.usage.copy_(w_q.mean(0))
+    lat.codebook.grad = None
+    (shared * (w_q @ lat.codes())).sum().backward()
+    torch.testing.assert_close(lat.codebook.grad, torch.zeros(3, 2))
+    # evaluation reads the usage and leaves it; a code every pair takes is z = 0
+    with torch.no_grad():
+        lat.usage.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(lat.code_vector(1), torch.zeros(2))
+    lat(H, HW, HL, mode="prior")
+    torch.testing.assert_close(lat.usage, torch.tensor([0.0, 1.0, 0.0]))
+    assert "usage" in lat.state_dict()  # checkpoints carry it, so a resumed run centres as the uninterrupted one
+
+
+def test_centred_zero_codes_start_at_z_zero():
+    lat = DiscreteLatent(hidden_size=2, codebook_size=3, head_hidden_size=3, center="usage")
+    torch.manual_seed(0)
+    out = lat(H, HW, HL, progress=0.3)
+    assert torch.count_nonzero(out.z) == 0 and torch.count_nonzero(lat.prior_z(H)) == 0
+
+
+@pytest.mark.parametrize("make", [discrete, continuous])
+def test_centered_head_input_by_hand(make):
+    """head_input=centered: a head reads its input less the running mean (the first training batch's mean, then
+    moved by running_momentum), scaled to unit RMS per row; evaluation reads the mean and leaves it."""
+    lat = make(head_input="centered", running_momentum=0.5)
+    seen = []
+    lat.prior.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+
+    def unit_rms(y):
+        return y / (y.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+
+    lat(H, HW, HL)  # training batch 1: the mean is H's
+    m1 = H.mean(0)
+    torch.testing.assert_close(lat.prior_input.mean, m1)
+    torch.testing.assert_close(seen[-1], unit_rms(H - m1))  # rows +-(0.25, -2.5): opposite, at unit RMS
+    torch.testing.assert_close(lat.posterior_input_stats.mean, torch.cat([HW, HL], -1).mean(0))
+    h2 = torch.tensor([[3.0, 1.0], [1.0, 1.0]])
+    lat(h2, HW, HL)  # training batch 2: the mean moves half way to this batch's
+    m2 = 0.5 * m1 + 0.5 * h2.mean(0)
+    torch.testing.assert_close(lat.prior_input.mean, m2)
+    torch.testing.assert_close(seen[-1], unit_rms(h2 - m2))
+    lat.prior_z(H)  # evaluation: the same mean, unchanged
+    torch.testing.assert_close(seen[-1], unit_rms(H - m2))
+    torch.testing.assert_close(lat.prior_input.mean, m2)
+    assert int(lat.prior_input.batches) == 2 and "prior_input.mean" in lat.state_dict()
+
+
+def test_batch_centred_codes_sum_to_zero_over_a_training_batch():
+    """center=batch: z_i = (w_i - mean_j w_j) E in training (the batch's mean, with its gradient, so a gradient
+    shared by every row reaches neither the codes nor the code weights); evaluation centres on the running usage."""
+    lat = discrete(center="batch", running_momentum=1.0)
+    torch.manual_seed(0)
+    w = torch.nn.functional.gumbel_softmax(P.log().expand(2, 3), tau=1.0, hard=True)
+    torch.manual_seed(0)
+    out = lat(H, HW, HL)  # g = 1: the prior's draw
+    torch.testing.assert_close(out.z, (w - w.mean(0)) @ E)
+    torch.testing.assert_close(out.z.sum(0), torch.zeros(2))
+    torch.testing.assert_close(lat.usage, w.mean(0))  # momentum 1: the last batch's usage
+    (torch.ones(2, 2) * out.z).sum().backward()  # the same gradient on both rows
+    torch.testing.assert_close(lat.codebook.grad, torch.zeros(3, 2))
+    torch.testing.assert_close(lat.prior_z(H, "argmax"), (E - w.mean(0) @ E)[[0, 0]])
