@@ -109,11 +109,9 @@ def tiny_lpc_run(tmp_path_factory) -> Path:
 
 
 # The synthetic benchmark's headline setting (docs/synthetic-benchmark.md): two opposite annotator types whose
-# source tag the prompt shows, where the latent has something to offer; 600 steps, seed 0. The latent is the one that
-# acted in 10 of 10 seeds there: codes at the hidden state's norm from step 0, at the LM's learning rate (not the
-# defaults, which start at the reference and act in fewer seeds of this toy: docs/method.md §7).
-# The latent's defaults in the synthetic benchmark's headline setting, seed 0: shuffling z cost 7.0, 5.9 and 11.3
-# points under the native, avx2 and default kernels (NMI 1.0, z / hidden norm 0.48-0.50 in each; docs/method.md §7).
+# source tag the prompt shows, where the latent has something to offer; 600 steps, seed 0, the latent's defaults.
+# Shuffling z cost 7.0, 5.9 and 11.3 points under the native, avx2 and default kernels (NMI 1.0, z / hidden norm
+# 0.48-0.50 in each; docs/method.md §7).
 ACTING = ["experiment=synthetic_benchmark", "data.conflict=1.0", "data.visibility=always", "latent=discrete"]
 
 

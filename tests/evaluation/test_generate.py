@@ -77,14 +77,14 @@ def test_codes_change_next_token_logits(lpc_model):
 
     # the prior's z at inference: argmax is the most probable code, expectation the probability-weighted mean
     z_arg, probs, source = latent_z(model, ids, inference="argmax")
-    assert source == "prior (argmax)" and torch.equal(z_arg, model.latent.codebook[probs.argmax()])
+    assert source == "prior (argmax)" and torch.equal(z_arg, model.latent.codes()[probs.argmax()])
     z_exp, _, _ = latent_z(model, ids, inference="expectation")
-    torch.testing.assert_close(z_exp, probs @ model.latent.codebook)
+    torch.testing.assert_close(z_exp, probs @ model.latent.codes())
 
     l0, l1, l0_again = next_logits(0), next_logits(1), next_logits(0)
     assert torch.equal(l0, l0_again)
     assert (l0 - l1).abs().max() > 1e-3
-    # and the logits are W (h + e_k): the difference is exactly W (e_0 - e_1)
+    # and the logits are W (h + e_k): the difference is exactly W (e_0 - e_1) (the centring cancels in it)
     head = model.lm.get_output_embeddings()
     diff = head.weight @ (model.latent.codebook[0] - model.latent.codebook[1])
     torch.testing.assert_close(l0 - l1, diff.detach(), rtol=0, atol=1e-4)

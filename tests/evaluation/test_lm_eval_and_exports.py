@@ -43,11 +43,18 @@ def dpo_ckpt(tiny_dpo_run):
 
 
 def prior_z_by_hand(model, ids):
-    """z = E_{p(k|x)}[e_k]: the prior MLP on h at the last context token, softmax, times the codebook."""
-    if model.latent is None:
+    """z = E_{p(k|x)}[e_k]: the prior MLP on h at the last context token (less the running mean of its training
+    inputs, at unit RMS, with head_input=centered), softmax, times the codes (the codebook less its usage-weighted
+    mean, with center=usage)."""
+    lat = model.latent
+    if lat is None:
         return None
     h = model.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
-    return model.latent.prior(h).softmax(-1) @ model.latent.codebook
+    if lat.head_input == "centered":
+        h = h - lat.prior_input.mean
+        h = h / (h.pow(2).mean() + 1e-6).sqrt()
+    codes = lat.codebook if lat.center == "none" else lat.codebook - lat.usage @ lat.codebook
+    return lat.prior(h).softmax(-1) @ codes
 
 
 @torch.no_grad()
@@ -93,8 +100,23 @@ def test_loglikelihood_equals_direct_forward(which, request):
         assert lp < 0
 
 
+def hidden_scale_codes(model, seed=0):
+    """A copy of ``model`` whose codes are random at the hidden state's norm: a short run's codes, centred on their
+    usage, are too small to change a log-likelihood or a greedy token, and these tests check where z goes, not how
+    large training made it."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # N(0, 1) entries: rows of norm ~sqrt(d), the tiny model's hidden-state norm
+        gen = torch.Generator().manual_seed(seed)
+        model.latent.codebook.copy_(torch.randn(model.latent.codebook.shape, generator=gen))
+    return model
+
+
 def test_lpc_loglikelihood_uses_the_prior_z(lpc_ckpt):
     model, tok = lpc_ckpt
+    model = hidden_scale_codes(model)
+    with torch.no_grad():  # a prior that puts its mass on code 0, so the prior's z is code 0 less the codes' mean
+        model.latent.prior[-1].weight.zero_()
+        model.latent.prior[-1].bias.copy_(20.0 * torch.nn.functional.one_hot(torch.tensor(0), 8).float())
     args = [c for c, _ in cases(tok)]
     with_z = [lp for lp, _ in make_lm(model, tok).loglikelihood(requests("loglikelihood", args))]
     no_z = [
@@ -129,9 +151,9 @@ def greedy_by_hand(model, tok, prompt, n, stop):
 
 def test_generate_until_uses_the_prior_z(lpc_ckpt):
     model, tok = lpc_ckpt
-    model = copy.deepcopy(model)
-    # The codes stay as trained (the hidden state's scale); the prior is set to put softmax(b) on every prompt,
-    # with b favouring a different code per call, so the greedy text must follow the prior's code.
+    model = hidden_scale_codes(model)
+    # The prior is set to put softmax(b) on every prompt, with b favouring a different code per call, so the greedy
+    # text must follow the prior's code.
     prompts = ["Question: what is best?\nAnswer:", "Tell me"]
     gen = {"until": ["Question:"], "max_gen_toks": 10, "do_sample": False}
     texts = {}
