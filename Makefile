@@ -86,7 +86,7 @@ reproduce-all: reproduce-table1 reproduce-table2 reproduce-codebook reproduce-no
 # The synthetic benchmark (experiments/synthetic_benchmark/README.md, docs/synthetic-benchmark.md): DPO vs LPC-DPO over
 # 10 seeds in five data settings, ablations of the latent's defaults and a convergence check (150 runs), lpc-steer on
 # the headline LPC runs, then the report. Two multiruns at a time, one thread per run.
-# The pretrained tier (experiments/synthetic_pretrained/README.md): SmolLM2-135M-Instruct, DPO vs LPC-DPO, 3 seeds.
+# The pretrained tier (experiments/synthetic_pretrained/README.md): SmolLM2-135M-Instruct, DPO vs LPC-DPO, 6 seeds.
 # steering-pretrained: each code's type reward next to its fluency on the pretrained tier's LPC runs
 # (scripts/steering_pretrained.py; ~15 min a run on one core), into docs/assets/lpc-mechanisms/pretrained/.
 .PHONY: benchmark-synthetic benchmark-pretrained steering-pretrained
