@@ -117,6 +117,21 @@ def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
 
+def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over the processes of a distributed run (``t`` itself in one process).
+
+    Why: the running statistics are buffers that each process updates from its own micro-batch. DDP happens to
+    broadcast rank 0's buffers before each forward, but ZeRO-3 and FSDP do not, so without this every rank would centre
+    on its own statistics and compute another z for the same code (as SyncBatchNorm averages its batch statistics)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+            t = t / world
+    return t
+
+
 class CenteredInput(nn.Module):
     """A head's input less its running mean over training batches, scaled to unit RMS per row.
 
@@ -135,7 +150,7 @@ class CenteredInput(nn.Module):
     def forward(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
         if update:
             with torch.no_grad():
-                batch = x.detach().mean(0).to(self.mean.dtype)
+                batch = mean_over_processes(x.detach().mean(0).to(self.mean.dtype))
                 self.mean.copy_(batch if int(self.batches) == 0 else self.mean.lerp(batch, self.momentum))
                 self.batches += 1
         y = x - self.mean.to(x.dtype, copy=True)
@@ -447,7 +462,8 @@ class DiscreteLatent(Latent):
                 z = w @ self.codes()  # center=usage: centred on the running usage before this batch
             if self.center != "none":
                 with torch.no_grad():
-                    self.usage.lerp_(w.detach().mean(0).to(self.usage.dtype), self.running_momentum)
+                    batch = mean_over_processes(w.detach().mean(0).to(self.usage.dtype))
+                    self.usage.lerp_(batch, self.running_momentum)
         elif mode == "prior":
             g, z = 1.0, self._prior_z_of(p_logits)
             if q_logits is not None:
