@@ -249,17 +249,17 @@ class Latent(nn.Module, abc.ABC):
         self.posterior_in = {"concat": 2, "diff": 1, "concat_diff": 3}[posterior_input] * hidden_size
         self.head_input, self.running_momentum = head_input, float(running_momentum)
         if head_input == "centered":
-            self.prior_input = CenteredInput(hidden_size, self.running_momentum)
-            self.posterior_input_stats = CenteredInput(self.posterior_in, self.running_momentum)
+            self.prior_center = CenteredInput(hidden_size, self.running_momentum)
+            self.posterior_center = CenteredInput(self.posterior_in, self.running_momentum)
 
     def prior_features(self, h_prompt: torch.Tensor, update: bool = False) -> torch.Tensor:
         """What the prior head reads (``update``: a training batch, which moves the running mean)."""
         x = h_prompt.to(self.dtype)
-        return self.prior_input(x, update) if self.head_input == "centered" else x
+        return self.prior_center(x, update) if self.head_input == "centered" else x
 
     def posterior_features(self, h_chosen, h_rejected, update: bool = False) -> torch.Tensor:
         x = self.combine(h_chosen, h_rejected).to(self.dtype)
-        return self.posterior_input_stats(x, update) if self.head_input == "centered" else x
+        return self.posterior_center(x, update) if self.head_input == "centered" else x
 
     def combine(self, h_chosen, h_rejected):
         """The posterior's input; ``concat`` keeps the order, so the preference direction is visible."""
@@ -389,7 +389,7 @@ class DiscreteLatent(Latent):
                 self.codebook.mul_(self.codebook_init_scale * hidden_norm / rows)
 
     def codes(self) -> torch.Tensor:
-        """The K vectors z is made of: the codebook (centred on its usage, with center=usage) through the gate."""
+        """The K vectors z is made of: the codebook (less its usage-weighted mean, with center=usage|batch) through the gate."""
         book = self.codebook
         if self.center != "none":
             book = book - self.usage.to(book.dtype, copy=True) @ book  # a copy: training updates the buffer in place

@@ -51,7 +51,7 @@ def prior_z_by_hand(model, ids):
         return None
     h = model.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
     if lat.head_input == "centered":
-        h = h - lat.prior_input.mean
+        h = h - lat.prior_center.mean
         h = h / (h.pow(2).mean() + 1e-6).sqrt()
     codes = lat.codebook if lat.center == "none" else lat.codebook - lat.usage @ lat.codebook
     return lat.prior(h).softmax(-1) @ codes

@@ -399,18 +399,18 @@ def test_centered_head_input_by_hand(make):
 
     lat(H, HW, HL)  # training batch 1: the mean is H's
     m1 = H.mean(0)
-    torch.testing.assert_close(lat.prior_input.mean, m1)
+    torch.testing.assert_close(lat.prior_center.mean, m1)
     torch.testing.assert_close(seen[-1], unit_rms(H - m1))  # rows +-(0.25, -2.5): opposite, at unit RMS
-    torch.testing.assert_close(lat.posterior_input_stats.mean, torch.cat([HW, HL], -1).mean(0))
+    torch.testing.assert_close(lat.posterior_center.mean, torch.cat([HW, HL], -1).mean(0))
     h2 = torch.tensor([[3.0, 1.0], [1.0, 1.0]])
     lat(h2, HW, HL)  # training batch 2: the mean moves half way to this batch's
     m2 = 0.5 * m1 + 0.5 * h2.mean(0)
-    torch.testing.assert_close(lat.prior_input.mean, m2)
+    torch.testing.assert_close(lat.prior_center.mean, m2)
     torch.testing.assert_close(seen[-1], unit_rms(h2 - m2))
     lat.prior_z(H)  # evaluation: the same mean, unchanged
     torch.testing.assert_close(seen[-1], unit_rms(H - m2))
-    torch.testing.assert_close(lat.prior_input.mean, m2)
-    assert int(lat.prior_input.batches) == 2 and "prior_input.mean" in lat.state_dict()
+    torch.testing.assert_close(lat.prior_center.mean, m2)
+    assert int(lat.prior_center.batches) == 2 and "prior_center.mean" in lat.state_dict()
 
 
 def test_batch_centred_codes_sum_to_zero_over_a_training_batch():
