@@ -415,9 +415,6 @@ class DiscreteLatent(Latent):
         """(B, K) Gumbel-softmax code weights (one-hot with ``hard``)."""
         return F.gumbel_softmax(logits, tau=tau, hard=self.hard)
 
-    def _sample(self, logits, tau: float):
-        return self._draw(logits, tau) @ self.codes()
-
     def prior_z(self, h_prompt: torch.Tensor, inference: str | None = None) -> torch.Tensor:
         return self._prior_z_of(self.prior_logits(h_prompt), inference)
 

@@ -244,12 +244,12 @@ def test_soft_samples_mix_codes_and_hard_ones_pick_one():
     torch.manual_seed(0)
     w = torch.nn.functional.gumbel_softmax(soft.prior_logits(H), tau=1.0, hard=False)
     torch.manual_seed(0)
-    torch.testing.assert_close(soft._sample(soft.prior_logits(H), 1.0), w @ E)
+    torch.testing.assert_close(soft._draw(soft.prior_logits(H), 1.0) @ soft.codes(), w @ E)
     assert not any(any(torch.allclose(row, e) for e in E) for row in w @ E)
     torch.manual_seed(0)
     w2 = torch.nn.functional.gumbel_softmax(soft.prior_logits(H), tau=0.5, hard=False)
     torch.manual_seed(0)
-    torch.testing.assert_close(soft._sample(soft.prior_logits(H), 0.5), w2 @ E)
+    torch.testing.assert_close(soft._draw(soft.prior_logits(H), 0.5) @ soft.codes(), w2 @ E)
 
 
 def test_latent_output_analysis_without_a_discrete_prior():
