@@ -37,16 +37,16 @@ SCOPE = [
     # the latent module: everything except the constructors' argument checks (config errors, tested end to
     # end through lpc-train in subprocesses, which mutmut cannot link to a function)
     *[f"lpc.latent.x_{f}__mutmut_*" for f in ("mixing_weight", "annealed_temperature", "kl_warmup_weight")],
-    *[f"lpc.latent.x_{f}__mutmut_*" for f in ("categorical_kl", "gaussian_kl")],
+    *[f"lpc.latent.x_{f}__mutmut_*" for f in ("categorical_kl", "gaussian_kl", "pool_states")],
     *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("combine", "g", "kl_weight_at", "gated")],
-    *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("prior_features", "posterior_features")],
+    *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("prior_features", "posterior_features", "pooled")],
     "lpc.latent.xǁCenteredInputǁforward__mutmut_*",
     *[f"{_D}{f}__mutmut_*" for f in ("calibrate", "code_vector", "tau", "_draw", "prior_z", "prior_logits")],
     *[f"{_D}{f}__mutmut_*" for f in ("codes", "_prior_z_of", "prior_probs", "forward")],
     *[f"{_C}{f}__mutmut_*" for f in ("calibrate", "_params", "_sample", "scale", "prior_z", "forward")],
     "lpc.latent.xǁLatentOutputǁanalysis__mutmut_*",
     # modeling: how z enters the scored log-probs
-    *[f"lpc.policy.x_{f}__mutmut_*" for f in ("hidden_states", "encode", "response_logps", "gather_rows")],
+    *[f"lpc.policy.x_{f}__mutmut_*" for f in ("hidden_states", "encode", "response_logps", "prompt_mask")],
     "lpc.policy.x_expected_hidden_norm__mutmut_*",
     *[f"lpc.policy.xǁPreferenceModelǁ{f}__mutmut_*" for f in ("latent_inputs", "encode", "score", "forward")],
     # the trainer's loss and evaluation paths

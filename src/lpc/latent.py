@@ -4,9 +4,12 @@ It knows nothing of the trainer: it maps hidden states to a latent vector ``z`` 
 final hidden state before the LM head) and a per-pair ``KL(q || p)``. Inputs, all from the backbone
 passes DPO already makes:
 
-* ``h_prompt``   (B, d): last-layer state at the last prompt token  -> prior  p(z | x)
-* ``h_chosen``   (B, d): last-layer state at the last token of (x, y_w)
-* ``h_rejected`` (B, d): last-layer state at the last token of (x, y_l) -> posterior q(z | x, y_w > y_l)
+* ``h_prompt``   (B, d): last-layer state of the prompt                 -> prior  p(z | x)
+* ``h_chosen``   (B, d): last-layer state of the response y_w
+* ``h_rejected`` (B, d): last-layer state of the response y_l             -> posterior q(z | x, y_w > y_l)
+
+"State of" is ``pool`` (``Latent.pooled``): the state at the last token (``last``, the reviewers' reading:
+the prompt's last token, the sequence's last token) or the mean over the prompt's (the response's) tokens.
 
 ``progress`` in [0, 1] is the fraction of training done; it drives the mixing weight ``g`` that moves
 the training z from the posterior's sample (g = 0) to the prior's (g = 1), the Gumbel temperature
@@ -47,6 +50,21 @@ Z_INJECTIONS = ("head", "pre_norm")
 CODEBOOK_INITS = ("hidden", "normal", "zeros")
 CODE_CENTERS = ("none", "usage", "batch")
 HEAD_INPUTS = ("raw", "centered")
+POOLS = ("last", "mean")
+
+
+def pool_states(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, d): one state per row of ``hidden`` (B, T, d) over the positions ``mask`` (B, T) marks, the last
+    of them (``last``) or their mean (``mean``, summed in float32)."""
+    mask = mask.bool()
+    if how == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, -1).amax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if how == "mean":
+        m = mask[..., None].float()
+        return ((hidden.float() * m).sum(1) / m.sum(1).clamp_min(1.0)).to(hidden.dtype)
+    raise ValueError(f"latent.pool must be one of {POOLS}, got {how!r}")
 
 
 @dataclass
@@ -165,7 +183,9 @@ class Latent(nn.Module, abc.ABC):
       values ``inference`` may take; ``name`` its config name.
     * ``z_injection`` where z enters (``head``: the LM head's input; ``pre_norm``: the final norm's input) and
       ``z_positions`` where (``response``: the scored positions; ``all``).
-    * ``prior_z(h_prompt, inference=None)``: z from the prior p(z | x) for the last prompt token's hidden state.
+    * ``pooled(hidden, mask)``: the (B, d) state a head reads of a prompt or a response (``pool``); every caller
+      makes ``h_prompt``, ``h_chosen`` and ``h_rejected`` with it, so training and inference read the same.
+    * ``prior_z(h_prompt, inference=None)``: z from the prior p(z | x) for the prompt's pooled state.
     * code access, for latents made of a finite set of codes: ``num_codes`` (0: none), ``code_vector(k)``,
       ``prior_probs(h_prompt)`` (p(code | x); None without codes), and ``codes_in_config(cfg)``, the number of
       codes a saved ``latent.yaml`` describes, read before any weight loads.
@@ -212,9 +232,11 @@ class Latent(nn.Module, abc.ABC):
         lm_kl_weight: float = 0.0,
         head_input: str = "raw",
         running_momentum: float = 0.05,
+        pool: str = "last",
     ):
         super().__init__()
         check_choice("latent.head_input", head_input, HEAD_INPUTS)
+        check_choice("latent.pool", pool, POOLS)
         require_number("latent.running_momentum", running_momentum, "a number in (0, 1]", lambda v: 0 < v <= 1)
         check_choice("latent.posterior_input", posterior_input, POSTERIOR_INPUTS)
         check_choice("latent.mix_schedule", mix_schedule, SCHEDULES)
@@ -247,10 +269,17 @@ class Latent(nn.Module, abc.ABC):
         self.mix = dict(schedule=mix_schedule, start=mix_start, end=mix_end, value=mix_value)
         self.head_hidden_size = head_hidden_size or hidden_size
         self.posterior_in = {"concat": 2, "diff": 1, "concat_diff": 3}[posterior_input] * hidden_size
-        self.head_input, self.running_momentum = head_input, float(running_momentum)
+        self.head_input, self.running_momentum, self.pool = head_input, float(running_momentum), pool
         if head_input == "centered":
             self.prior_center = CenteredInput(hidden_size, self.running_momentum)
             self.posterior_center = CenteredInput(self.posterior_in, self.running_momentum)
+
+    def pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, d) what a head reads of the (B, T, d) last-layer states at the positions ``mask`` marks (the prompt's
+        for the prior, a response's for the posterior), per ``pool``. Why ``mean`` exists: a chat template ends
+        every prompt with the same tokens, and SmolLM2's state there carries the prompt's content only faintly
+        (docs/method.md §7)."""
+        return pool_states(hidden, mask, self.pool)
 
     def prior_features(self, h_prompt: torch.Tensor, update: bool = False) -> torch.Tensor:
         """What the prior head reads (``update``: a training batch, which moves the running mean)."""

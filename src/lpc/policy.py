@@ -2,8 +2,8 @@
 
 One backbone pass over the stacked (chosen; rejected) batch gives everything:
 the last-layer hidden states feed the LM head for the response log-probs and,
-for LPC, the prior (last prompt token) and posterior (last token of each
-sequence). z enters only at the LM head, ``logits = W (h + z)``, so the hidden
+for LPC, the prior (the prompt's states) and posterior (each response's states),
+pooled as ``latent.pool`` says. z enters only at the LM head, ``logits = W (h + z)``, so the hidden
 states the latent module reads are unaffected by z (no circularity, no extra
 backbone forward).
 """
@@ -129,8 +129,9 @@ def response_logps(
     return sums, counts
 
 
-def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+def prompt_mask(batch: dict) -> torch.Tensor:
+    """(B, T) True at the prompt's tokens of a collated pair batch (real tokens that are not the response's)."""
+    return batch["attention_mask"].bool() & ~batch["response_mask"]
 
 
 def expected_hidden_norm(lm: nn.Module) -> float:
@@ -158,11 +159,12 @@ class PreferenceModel(nn.Module):
             latent.calibrate(expected_hidden_norm(lm))
 
     def latent_inputs(self, hidden: torch.Tensor, batch: dict):
-        """``(h_prompt, h_chosen, h_rejected)`` from the stacked (chosen; rejected) hidden states."""
+        """``(h_prompt, h_chosen, h_rejected)`` from the stacked (chosen; rejected) hidden states, pooled as the
+        latent says (``latent.pool``) over the prompt's and over each response's tokens."""
         half = hidden.shape[0] // 2
-        h_prompt = gather_rows(hidden, batch["prompt_last"])[:half]  # same in both halves (causal attention)
-        h_last = gather_rows(hidden, batch["seq_last"])
-        return h_prompt, h_last[:half], h_last[half:]
+        h_prompt = self.latent.pooled(hidden[:half], prompt_mask(batch)[:half])  # same in both halves (causal)
+        h_response = self.latent.pooled(hidden, batch["response_mask"])
+        return h_prompt, h_response[:half], h_response[half:]
 
     def encode(self, batch: dict):
         """``(hidden, pre_norm)`` of one backbone pass; ``pre_norm`` only when z enters before the final norm."""

@@ -201,3 +201,41 @@ def test_a_sweep_directory_runs_each_command_once_per_completed_run(tiny_lpc_run
     for seed in (0, 1):
         metrics = json.loads((sweep / f"codebook=8,seed={seed}" / "metrics.json").read_text())
         assert metrics["lm_eval/arc_easy_local/n_samples"] == 2 and "eval/pref_accuracy" in metrics
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_the_prior_reads_a_prompt_the_same_in_training_generation_and_batched_inference(lpc_model, pool):
+    """``latent.pool`` decides what the prior reads of a prompt; the training batch (right-padded pairs), a single
+    prompt (generation, steering) and left-padded prompts (lm-eval, the integrity checks) must give the same z."""
+    from lpc.data import PairCollator, encode_prompt
+    from lpc.evaluation.generate import latent_z
+    from lpc.evaluation.inference import left_pad, prompt_prior_z
+    from lpc.policy import hidden_states
+
+    model, tok = lpc_model
+    before, model.latent.pool = model.latent.pool, pool
+    try:
+        prompts = [encode_prompt(tok, p) for p in (PROMPT, "[source_1] Please sketch the old harbors of islands.")]
+        assert len(prompts[0]) != len(prompts[1])  # so the padding differs between the paths
+        rows = [
+            {"prompt_input_ids": p, "chosen_input_ids": [5, 6, 7, 2][: 2 + i], "rejected_input_ids": [8, 2]}
+            for i, p in enumerate(prompts)
+        ]
+        batch = PairCollator(pad_token_id=tok.pad_token_id)(rows)
+        with torch.no_grad():
+            h_prompt, _, _ = model.latent_inputs(hidden_states(model.lm, batch), batch)
+            trained = model.latent.prior_z(h_prompt)
+            ids, mask = left_pad(prompts, tok.pad_token_id)
+            batched = prompt_prior_z(model.lm, model.latent, ids, mask)
+        single = torch.stack([latent_z(model, torch.tensor([p]))[0] for p in prompts])
+        assert trained.norm(dim=-1).min() > 0 and (trained[0] - trained[1]).norm() > 1e-4  # z differs by prompt
+        torch.testing.assert_close(batched, trained, rtol=0, atol=1e-5)
+        torch.testing.assert_close(single, trained, rtol=0, atol=1e-5)
+        # and "mean" is not "last": the two read different states
+        other = "last" if pool == "mean" else "mean"
+        model.latent.pool = other
+        with torch.no_grad():
+            h_other = model.latent_inputs(hidden_states(model.lm, batch), batch)[0]
+            assert (model.latent.prior_z(h_other) - trained).abs().max() > 1e-4
+    finally:
+        model.latent.pool = before

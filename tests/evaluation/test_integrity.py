@@ -11,6 +11,7 @@ import torch
 from lpc.evaluation import integrity
 from lpc.evaluation.integrity import LMProbe, codes_to_probe, eval_text_nll, repeat_rate
 from lpc.experiments.report import latent_section
+from lpc.latent import pool_states
 
 
 def test_repeat_rate_counts_repeated_trigrams():
@@ -55,6 +56,9 @@ class Bias(torch.nn.Module):
     def __init__(self, z):
         super().__init__()
         self.z = z
+
+    def pooled(self, hidden, mask):
+        return pool_states(hidden, mask, "last")
 
     def prior_z(self, h_prompt, inference=None):
         return self.z.expand(h_prompt.shape[0], -1)

@@ -43,13 +43,14 @@ def dpo_ckpt(tiny_dpo_run):
 
 
 def prior_z_by_hand(model, ids):
-    """z = E_{p(k|x)}[e_k]: the prior MLP on h at the last context token (less the running mean of its training
-    inputs, at unit RMS, with head_input=centered), softmax, times the codes (the codebook less its usage-weighted
-    mean, with center=usage)."""
+    """z = E_{p(k|x)}[e_k]: the prior MLP on h of the context (at its last token, or the mean over its tokens with
+    pool=mean; less the running mean of its training inputs, at unit RMS, with head_input=centered), softmax, times
+    the codes (the codebook less its usage-weighted mean, with center=usage)."""
     lat = model.latent
     if lat is None:
         return None
-    h = model.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+    states = model.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    h = states[-1] if lat.pool == "last" else states.mean(0)
     if lat.head_input == "centered":
         h = h - lat.prior_center.mean
         h = h / (h.pow(2).mean() + 1e-6).sqrt()

@@ -111,3 +111,19 @@ def test_a_run_is_labelled_by_its_latent_as_it_ran_not_by_its_overrides(tmp_path
     (run / "metrics.json").write_text(json.dumps({"status": "completed", **lpc_metrics(0.9, 0.8, 0.1, 0.2, 2, 1.0)}))
     write_report(root)
     assert "| LPC-DPO [latent.codebook_init=hidden] | 1 |" in (root / "report.md").read_text()
+
+
+def test_a_run_whose_config_predates_an_option_is_labelled_with_the_constructors_default(monkeypatch):
+    """A key the run's config lacks ran at the latent constructor's default (``pool``: ``last``); it is named when
+    today's config default differs from that, and not when it equals it."""
+    from lpc.experiments import synthetic
+
+    cfg = compose(HEADLINE + ["latent=discrete", "seed=0"])
+    OmegaConf.set_struct(cfg, False)
+    today = synthetic._default_latent("discrete")["latent"]
+    del cfg.latent["pool"]  # as if the run predated latent.pool
+    for default_pool, label in (("mean", ["latent.pool=last"]), ("last", [])):
+        monkeypatch.setattr(synthetic, "_default_latent", lambda name, p=default_pool: {"latent": {**today, "pool": p}})
+        assert synthetic.latent_options(cfg) == label
+    cfg.latent["pool"] = "mean"  # a run that set it is labelled by its own value
+    assert synthetic.latent_options(cfg) == ["latent.pool=mean"]

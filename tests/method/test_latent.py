@@ -315,6 +315,7 @@ BAD_LATENT_OPTIONS = [
     ("latent.inference=bogus", "latent.inference"),
     ("latent.codebook_init=bogus", "latent.codebook_init"),
     ("latent.center=bogus", "latent.center"),
+    ("latent.pool=first", "latent.pool"),
     ("latent.running_momentum=0", "latent.running_momentum"),
     ("latent.lr_multiplier=0", "latent.lr_multiplier"),
 ]

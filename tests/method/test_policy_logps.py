@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lpc.policy import PreferenceModel, expected_hidden_norm, gather_rows, response_logps
+from lpc.latent import DiscreteLatent
+from lpc.policy import PreferenceModel, expected_hidden_norm, response_logps
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,7 @@ ATTN = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1
 RESP = torch.tensor(
     [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], dtype=torch.bool
 )  # prompts of 3 tokens; responses of 2, 2, 2 and 1 tokens
-BATCH = {
-    "input_ids": IDS,
-    "attention_mask": ATTN,
-    "response_mask": RESP,
-    "prompt_last": torch.tensor([2, 2, 2, 2]),
-    "seq_last": torch.tensor([4, 4, 4, 3]),
-}
+BATCH = {"input_ids": IDS, "attention_mask": ATTN, "response_mask": RESP}
 Z = torch.tensor([[0.5] * 8, [-1.0, 2.0, 0.0, 0.0, 1.0, 0.0, -0.5, 3.0]])  # one z per pair
 
 
@@ -163,14 +158,24 @@ def test_forward_scores_what_encode_and_score_give(lm):
     torch.testing.assert_close(plain.logps, by_hand(lm)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_latent_inputs_read_the_last_prompt_and_sequence_tokens():
+def test_latent_inputs_pool_the_prompt_and_each_response_as_the_latent_says():
     hidden = torch.arange(4 * 5 * 2, dtype=torch.float32).view(4, 5, 2)  # hidden[i, t] = (10 i + 2 t, +1)
-    batch = {"prompt_last": torch.tensor([2, 1, 2, 1]), "seq_last": torch.tensor([4, 3, 2, 4])}
-    h_prompt, h_w, h_l = PreferenceModel(torch.nn.Identity(), None, calibrate=False).latent_inputs(hidden, batch)
+    batch = {  # prompts of 3 and 2 tokens; responses at 3-4, 2-3 (row 1), 3 (row 2), 2-4 (row 3); row 1 padded at 4
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+        "response_mask": torch.tensor(
+            [[0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool
+        ),
+    }
+    model = PreferenceModel(torch.nn.Identity(), DiscreteLatent(2, codebook_size=2, pool="last"), calibrate=False)
+    h_prompt, h_w, h_l = model.latent_inputs(hidden, batch)
     assert h_prompt.tolist() == [[4.0, 5.0], [12.0, 13.0]]  # rows 0, 1 at positions 2, 1
     assert h_w.tolist() == [[8.0, 9.0], [16.0, 17.0]]  # rows 0, 1 at positions 4, 3
-    assert h_l.tolist() == [[24.0, 25.0], [38.0, 39.0]]  # rows 2, 3 at positions 2, 4
-    assert gather_rows(hidden, torch.tensor([0, 1, 2, 3])).tolist() == [[0, 1], [12, 13], [24, 25], [36, 37]]
+    assert h_l.tolist() == [[26.0, 27.0], [38.0, 39.0]]  # rows 2, 3 at positions 3, 4
+    model.latent.pool = "mean"
+    h_prompt, h_w, h_l = model.latent_inputs(hidden, batch)
+    assert h_prompt.tolist() == [[2.0, 3.0], [11.0, 12.0]]  # row 0: positions 0-2 (0, 2, 4); row 1: 0-1 (10, 12)
+    assert h_w.tolist() == [[7.0, 8.0], [15.0, 16.0]]  # row 0: 3-4 (6, 8); row 1: 2-3 (14, 16)
+    assert h_l.tolist() == [[26.0, 27.0], [36.0, 37.0]]  # row 2: 3 alone; row 3: 2-4 (34, 36, 38)
 
 
 def test_expected_hidden_norm_is_the_final_norm_weights_norm():

@@ -339,9 +339,8 @@ class PairCollator:
     """Stacks chosen (rows 0..B-1) and rejected (rows B..2B-1) into one right-padded batch so a
     single forward scores both, and marks what the model needs to find:
 
-    * ``response_mask[i, t]``: token t of row i is a response token (its log-prob is scored);
-    * ``prompt_last[i]``: index of the last prompt token (h_x for the LPC prior);
-    * ``seq_last[i]``: index of the last token (h_{x,y} for the LPC posterior).
+    * ``response_mask[i, t]``: token t of row i is a response token (its log-prob is scored; the LPC posterior
+      reads these positions, and the prior the real tokens before them: ``lpc.policy.prompt_mask``).
     """
 
     pad_token_id: int
@@ -360,13 +359,7 @@ class PairCollator:
             input_ids[i, : len(s)] = torch.tensor(s)
             attention_mask[i, : len(s)] = 1
             response_mask[i, p : len(s)] = True
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "response_mask": response_mask,
-            "prompt_last": torch.tensor(prompt_lens) - 1,
-            "seq_last": attention_mask.sum(1) - 1,
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
         if "type" in rows[0]:
             batch["type"] = torch.tensor([r["type"] for r in rows])
         if "ref_chosen_logps" in rows[0]:  # precomputed reference log-probs (lpc.training.reference), same row order

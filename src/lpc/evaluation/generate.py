@@ -96,8 +96,8 @@ def _check_inference(mode: str, kind: str, allowed: tuple) -> None:
 def latent_z(model, input_ids: torch.Tensor, code: int | None = None, inference: str | None = None):
     """``(z, prior_probs, z_source)`` for one encoded prompt (shape (1, T)).
 
-    z is the latent's code ``code`` if one is given, else the prior's z from the hidden state at the prompt's
-    last token (the position the prior reads in training). Baselines give ``(None, None, "none")``."""
+    z is the latent's code ``code`` if one is given, else the prior's z from the prompt's hidden states, pooled
+    as in training (``latent.pool``). Baselines give ``(None, None, "none")``."""
     latent = model.latent
     check_code(latent, code)
     if latent is None:
@@ -106,7 +106,8 @@ def latent_z(model, input_ids: torch.Tensor, code: int | None = None, inference:
         return latent.code_vector(code), None, f"code {code}"
     mode = inference or latent.inference
     _check_inference(mode, latent.kind, latent.inference_modes)
-    h_x = hidden_states(model.lm, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})[:, -1]
+    every = torch.ones_like(input_ids)
+    h_x = latent.pooled(hidden_states(model.lm, {"input_ids": input_ids, "attention_mask": every}), every)
     probs = latent.prior_probs(h_x)
     return latent.prior_z(h_x, mode)[0], None if probs is None else probs[0].float(), f"prior ({mode})"
 

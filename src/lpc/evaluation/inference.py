@@ -1,7 +1,7 @@
 """The LPC-conditioned policy at inference time: z from the prior, added to the LM head input.
 
-For a prompt x the prior reads the backbone's last-layer state at the prompt's last token, exactly as in
-training (``PreferenceModel.forward``: ``h_prompt`` at ``prompt_last``), and the latent's inference mode
+For a prompt x the prior reads the backbone's last-layer states of the prompt's tokens, pooled exactly as in
+training (``Latent.pooled``: the last token or the mean, per ``latent.pool``), and the latent's inference mode
 (``latent.inference``: expectation of the codes by default) turns it into z. Every position whose logits
 are read (scored continuation tokens, generated tokens) gets ``W (h + z)``. A baseline (no latent) is the
 plain language model. These functions need no lm-eval; the harness wrapper uses them for batches
@@ -40,10 +40,10 @@ def prior_z(latent, h_prompt: torch.Tensor) -> torch.Tensor | None:
 
 @torch.no_grad()
 def prompt_prior_z(lm, latent, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """z for left-padded prompts (their last column is every row's last prompt token)."""
+    """z for left-padded prompts (the attention mask marks each row's prompt tokens)."""
     if latent is None:
         return None
-    return prior_z(latent, last_hidden(lm, input_ids, attention_mask)[:, -1])
+    return prior_z(latent, latent.pooled(last_hidden(lm, input_ids, attention_mask), attention_mask))
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 
 from lpc.data import PairCollator, encode_prompt
 from lpc.evaluation.inference import left_pad, prompt_prior_z
-from lpc.policy import conditioned_on, hidden_states, injection_of, positions_of, response_logps
+from lpc.policy import conditioned_on, hidden_states, injection_of, positions_of, prompt_mask, response_logps
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class LMProbe:
         batch = self._to(device)
         hidden = hidden_states(lm, batch)
         if latent is not None:
-            h_prompt = hidden[torch.arange(hidden.shape[0], device=device), batch["prompt_last"]]
+            h_prompt = latent.pooled(hidden, prompt_mask(batch))
             zs = {**zs, "prior": latent.prior_z(h_prompt)}
         out = {}
         for name, z in zs.items():

@@ -5,11 +5,11 @@ get subtly wrong (how a request's context/continuation pair is split into tokens
 templates, stop sequences and ``max_gen_toks`` in ``generate_until``, request re-ordering and batching).
 We override only the parts where z enters or where our checkpoints need a different rule:
 
-* ``_loglikelihood_tokens``: one backbone pass per batch; z from the prior at each request's last context
-  token is added to the LM head input at the scored continuation positions (the same math as
+* ``_loglikelihood_tokens``: one backbone pass per batch; z from the prior on each request's context
+  (pooled as in training, ``latent.pool``) is added to the LM head input at the scored continuation positions (the same math as
   ``lpc.policy.response_logps``); logits are computed only there. Requests that share the same input
   tokens and context boundary (multiple-choice with one-token answers, e.g. MMLU's " A".." D") share one pass.
-* ``_model_generate``: z from the prior at each prompt's last token, then ``generate`` inside
+* ``_model_generate``: z from the prior on each prompt, then ``generate`` inside
   ``lpc.policy.conditioned_on``.
 * ``tok_encode`` / ``tok_batch_encode``: every context starts with exactly one BOS, as training prompts do
   (``lpc.data.encode_prompt``), whether or not the tokenizer or a chat template adds one.
@@ -174,8 +174,9 @@ class LPCLM(HFLM):
             hidden = last_hidden(self.model, ids, mask)
         rows = torch.arange(len(seqs), device=self.device)
         ctx_last = torch.tensor([c for _, c in batch], device=self.device)
-        z = prior_z(self.latent, hidden[rows, ctx_last])
         pos = torch.arange(width, device=self.device)
+        context = (pos[None] <= ctx_last[:, None]) & (mask > 0)
+        z = None if self.latent is None else prior_z(self.latent, self.latent.pooled(hidden, context))
         scored = (pos[None] >= ctx_last[:, None]) & (mask > 0)
         h = hidden[scored]
         if z is not None:

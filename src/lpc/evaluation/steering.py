@@ -106,7 +106,8 @@ def prior_code(model, tokenizer, prompts: list[str], chat_template: bool = False
     votes: dict[int, int] = {}
     for p in prompts:
         ids = torch.tensor([encode_prompt(tokenizer, p, chat_template)], device=next(model.lm.parameters()).device)
-        h = hidden_states(model.lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[:, -1]
+        every = torch.ones_like(ids)
+        h = model.latent.pooled(hidden_states(model.lm, {"input_ids": ids, "attention_mask": every}), every)
         k = int(model.latent.prior_probs(h).argmax(-1))
         votes[k] = votes.get(k, 0) + 1
     return max(votes, key=votes.get)

@@ -12,6 +12,8 @@ latent's diagnostics (z ablations, prior entropy, codes used, NMI beside its cha
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -81,15 +83,34 @@ def _fmt(value) -> str:
     return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
+@functools.cache
+def _constructor_defaults(target: str) -> dict:
+    """The keyword defaults of a latent class's constructor and of its bases' (``**common``)."""
+    module, _, cls_name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    out: dict = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.default is not inspect.Parameter.empty:
+                out[p.name] = p.default
+    return out
+
+
 def latent_options(cfg) -> list[str]:
     """What the run's latent was, as the overrides that give it from today's defaults: the keys of its composed
     ``latent`` node (and ``codebook``) that differ from ``latent=<its name>`` composed now. A label that stays true
-    when the defaults change (a run made with an older default is labelled with the value it ran with)."""
+    when the defaults change (a run made with an older default is labelled with the value it ran with; a key its
+    config predates, with the constructor's default, which is what it ran with)."""
     name = str(cfg.latent.name)
     if name == "none":
         return []
     default = _default_latent(name)
     ran = OmegaConf.to_container(cfg.latent, resolve=True)
+    implicit = _constructor_defaults(ran["_target_"])
+    ran = {**{k: implicit[k] for k in default["latent"] if k not in ran and k in implicit}, **ran}
     opts = [
         f"latent.{k}={_fmt(v)}"
         for k, v in ran.items()
