@@ -37,7 +37,7 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, c: float) -> float:
 @torch.no_grad()
 def head_inputs(lm, eval_ds, pad_token_id: int, batch_size: int = 32) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Every input a head can read, per pair: the prompt's and the (chosen, rejected) responses' states, pooled
-    at the last token and by the mean (``lpc.latent.pool_states``), responses combined as ``concat`` and ``diff``."""
+    at the last token and by the mean (``lpc.latent.pool_states``), responses combined as ``latent.posterior_input`` does."""
     from lpc.data import PairCollator
     from lpc.latent import pool_states
     from lpc.policy import hidden_states, prompt_mask
@@ -56,6 +56,7 @@ def head_inputs(lm, eval_ds, pad_token_id: int, batch_size: int = 32) -> tuple[d
                 (f"prior, pool={pool}", prompt),
                 (f"posterior concat, pool={pool}", torch.cat([resp[:n], resp[n:]], -1)),
                 (f"posterior diff, pool={pool}", resp[:n] - resp[n:]),
+                (f"posterior concat_diff, pool={pool}", torch.cat([resp[:n], resp[n:], resp[:n] - resp[n:]], -1)),
             ):
                 parts.setdefault(name, []).append(x)
         types.append(batch["type"])

@@ -110,8 +110,8 @@ def tiny_lpc_run(tmp_path_factory) -> Path:
 
 # The synthetic benchmark's headline setting (docs/synthetic-benchmark.md): two opposite annotator types whose
 # source tag the prompt shows, where the latent has something to offer; 600 steps, seed 0, the latent's defaults.
-# Shuffling z cost 7.0, 5.9 and 11.3 points under the native, avx2 and default kernels (NMI 1.0, z / hidden norm
-# 0.48-0.50 in each; docs/method.md §7).
+# Shuffling z cost 9.0, 5.5 and 16.0 points under the native, avx2 and default kernels (NMI 1.0, z / hidden norm
+# 0.46-0.81; docs/method.md §7).
 ACTING = ["experiment=synthetic_benchmark", "data.conflict=1.0", "data.visibility=always", "latent=discrete"]
 
 

@@ -342,7 +342,7 @@ def test_loglikelihood_with_z_before_the_final_norm(lpc_ckpt):
     model, tok = lpc_ckpt
     model = copy.deepcopy(model)
     with torch.no_grad():
-        model.latent.codebook.mul_(5.0)  # codes large enough that where they enter shows
+        model.latent.codebook.mul_(20.0)  # codes large enough that where they enter shows
     cs = cases(tok)
     model.latent.z_injection = "head"
     at_head = [lp for lp, _ in make_lm(model, tok).loglikelihood(requests("loglikelihood", [c for c, _ in cs]))]

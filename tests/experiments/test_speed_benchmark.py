@@ -28,9 +28,10 @@ def test_lpc_configuration_times_the_trainer_lpc_train_builds():
     r = run_one("tiny/lpc-dpo")
     assert r["name"] == "tiny/lpc-dpo"
     # the tiny Llama of conf/model/tiny.yaml, and a discrete latent of 32 codes at its hidden size 128:
-    # codebook 32 x 128, prior MLP 128->128->32, posterior MLP 256->128->32 (weights + biases)
+    # codebook 32 x 128, prior MLP 128->128->32, posterior MLP 384->128->32 (it reads [h_w; h_l; h_w - h_l]; weights
+    # + biases); the head inputs' running means (buffers) are not parameters
     assert r["params"] == 654_208
-    assert r["latent_params"] == 32 * 128 + (128 * 128 + 128 + 128 * 32 + 32) + (256 * 128 + 128 + 128 * 32 + 32)
+    assert r["latent_params"] == 32 * 128 + (128 * 128 + 128 + 128 * 32 + 32) + (384 * 128 + 128 + 128 * 32 + 32)
     assert 0 < r["step_s"] < 30 and r["setup_s"] > 0 and r["peak_rss_mb"] > 100
     # tokens: 8 pairs of at most 64 tokens, chosen and rejected (the synthetic rows are 20-40 tokens each)
     assert 8 * 2 * 10 < r["tokens_per_step"] <= 8 * 2 * 64 and r["tokens_per_s"] > 0

@@ -488,7 +488,8 @@ def test_shuffled_z_is_another_prompts_prior_z(tmp_path):
     """Row i of the shuffled ablation is scored with the prior z of row perm[i] (perm seeded by the
     trainer's seed): recompute every row by hand. The codes stay as built (the hidden state's norm); the
     prior's last layer is scaled up so that prompts pick different codes, as a trained prior does."""
-    t = make_trainer(["latent=discrete", "codebook=4"], tmp_path, n_eval=16)
+    # pool=last: the random-init tiny model's mean-pooled prompts are too alike for an untrained prior to tell apart
+    t = make_trainer(["latent=discrete", "codebook=4", "latent.pool=last"], tmp_path, n_eval=16)
     with torch.no_grad():
         t.model.latent.prior[-1].weight.mul_(200.0)
     _, pairs = t.evaluate(return_pairs=True, diagnostics=True)
