@@ -33,7 +33,9 @@ def test_the_tag_the_tiny_model_reads_is_found_by_the_probe_under_either_pool(ca
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| prior") or ln.startswith("| post")]
     table = {ln.split(" | ")[0][2:]: [float(v) for v in ln.strip(" |").split(" | ")[1:]] for ln in rows}
     assert sorted(table) == sorted(
-        f"{head}, pool={pool}" for head in ("prior", "posterior concat", "posterior diff", "posterior concat_diff") for pool in ("last", "mean")
+        f"{head}, pool={pool}"
+        for head in ("prior", "posterior concat", "posterior diff", "posterior concat_diff")
+        for pool in ("last", "mean")
     )
     assert all(0.0 <= a <= 1.0 and len(v) == 3 for v in table.values() for a in v)
     assert min(table["prior, pool=last"] + table["prior, pool=mean"]) >= 0.95
