@@ -22,9 +22,11 @@ C_VALUES = (0.001, 0.01, 1.0)
 
 
 def centred(x: torch.Tensor) -> np.ndarray:
-    """As ``lpc.latent.CenteredInput`` with its mean over these rows."""
-    y = x - x.mean(0)
-    return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)).numpy()
+    """What ``lpc.latent.CenteredInput`` gives a head whose first training batch is these rows."""
+    from lpc.latent import CenteredInput
+
+    with torch.no_grad():
+        return CenteredInput(x.shape[-1], momentum=1.0)(x, update=True).numpy()
 
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, c: float) -> float:
@@ -39,7 +41,7 @@ def head_inputs(lm, eval_ds, pad_token_id: int, batch_size: int = 32) -> tuple[d
     """Every input a head can read, per pair: the prompt's and the (chosen, rejected) responses' states, pooled
     at the last token and by the mean (``lpc.latent.pool_states``), responses combined as ``latent.posterior_input`` does."""
     from lpc.data import PairCollator
-    from lpc.latent import pool_states
+    from lpc.latent import POSTERIOR_INPUTS, combine_states, pool_states
     from lpc.policy import hidden_states, prompt_mask
 
     collate = PairCollator(pad_token_id=pad_token_id)
@@ -52,13 +54,9 @@ def head_inputs(lm, eval_ds, pad_token_id: int, batch_size: int = 32) -> tuple[d
         for pool in ("last", "mean"):
             prompt = pool_states(hidden[:n], prompt_mask(batch)[:n], pool)
             resp = pool_states(hidden, batch["response_mask"], pool)
-            for name, x in (
-                (f"prior, pool={pool}", prompt),
-                (f"posterior concat, pool={pool}", torch.cat([resp[:n], resp[n:]], -1)),
-                (f"posterior diff, pool={pool}", resp[:n] - resp[n:]),
-                (f"posterior concat_diff, pool={pool}", torch.cat([resp[:n], resp[n:], resp[:n] - resp[n:]], -1)),
-            ):
-                parts.setdefault(name, []).append(x)
+            parts.setdefault(f"prior, pool={pool}", []).append(prompt)
+            for how in POSTERIOR_INPUTS:
+                parts.setdefault(f"posterior {how}, pool={pool}", []).append(combine_states(resp[:n], resp[n:], how))
         types.append(batch["type"])
     return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(types).numpy()
 

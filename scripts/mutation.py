@@ -37,7 +37,7 @@ SCOPE = [
     # the latent module: everything except the constructors' argument checks (config errors, tested end to
     # end through lpc-train in subprocesses, which mutmut cannot link to a function)
     *[f"lpc.latent.x_{f}__mutmut_*" for f in ("mixing_weight", "annealed_temperature", "kl_warmup_weight")],
-    *[f"lpc.latent.x_{f}__mutmut_*" for f in ("categorical_kl", "gaussian_kl", "pool_states")],
+    *[f"lpc.latent.x_{f}__mutmut_*" for f in ("categorical_kl", "gaussian_kl", "pool_states", "combine_states")],
     *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("combine", "g", "kl_weight_at", "gated")],
     *[f"lpc.latent.xǁLatentǁ{f}__mutmut_*" for f in ("prior_features", "posterior_features", "pooled")],
     "lpc.latent.xǁCenteredInputǁforward__mutmut_*",

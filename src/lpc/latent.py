@@ -67,6 +67,18 @@ def pool_states(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Ten
     raise ValueError(f"latent.pool must be one of {POOLS}, got {how!r}")
 
 
+def combine_states(h_chosen: torch.Tensor, h_rejected: torch.Tensor, how: str) -> torch.Tensor:
+    """The posterior's input from the two responses' states; ``concat`` keeps the order, so the preference
+    direction is visible."""
+    if how == "concat":
+        return torch.cat([h_chosen, h_rejected], -1)
+    if how == "diff":
+        return h_chosen - h_rejected
+    if how == "concat_diff":
+        return torch.cat([h_chosen, h_rejected, h_chosen - h_rejected], -1)
+    raise ValueError(f"latent.posterior_input must be one of {POSTERIOR_INPUTS}, got {how!r}")
+
+
 @dataclass
 class LatentOutput:
     z: torch.Tensor  # (B, d) the latent added to the hidden states
@@ -291,12 +303,8 @@ class Latent(nn.Module, abc.ABC):
         return self.posterior_center(x, update) if self.head_input == "centered" else x
 
     def combine(self, h_chosen, h_rejected):
-        """The posterior's input; ``concat`` keeps the order, so the preference direction is visible."""
-        if self.posterior_input == "concat":
-            return torch.cat([h_chosen, h_rejected], -1)
-        if self.posterior_input == "diff":
-            return h_chosen - h_rejected
-        return torch.cat([h_chosen, h_rejected, h_chosen - h_rejected], -1)
+        """The posterior's input (``posterior_input``)."""
+        return combine_states(h_chosen, h_rejected, self.posterior_input)
 
     def g(self, progress: float) -> float:
         return mixing_weight(progress, **self.mix)
