@@ -184,7 +184,10 @@ def smollm2(
         m = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         cfg = m.config
         cfg.__dict__.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained otherwise
-        plain = type(m)(cfg)
+        # Building `plain` random-initialises it: without fork_rng, the first run on a machine (the one that
+        # converts) would start from another RNG state than every later run of the same seed.
+        with torch.random.fork_rng(devices=[]):
+            plain = type(m)(cfg)
         plain.load_state_dict(m.state_dict())
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -236,3 +236,17 @@ def test_a_third_latent_generates_and_is_probed_without_any_edit_in_evaluation()
     ):
         latent_z(model, ids, inference="mean")
     assert codes_to_probe({"prior_code": torch.tensor([1, 1, 0])}, model.latent, 5) == [1, 0]
+
+
+def test_converting_smollm2_leaves_the_callers_rng_alone(tmp_path):
+    """The first run on a machine converts the shipped GGUF; it must then train exactly as every later run of
+    its seed, which loads the converted copy (found as seeds 0 and 1 of a fresh machine's pretrained tier)."""
+    from lpc.backbones import smollm2
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    fresh, _ = smollm2(cache_dir=str(tmp_path))  # converts
+    assert torch.equal(torch.get_rng_state(), before)
+    again, _ = smollm2(cache_dir=str(tmp_path))  # loads the conversion
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values()))
