@@ -71,7 +71,10 @@ SCOPE = [
     ],
     # the LM-integrity probe's verdict (lm/damaged and the figures it reads) and its helpers; not the NLL and greedy
     # decoding loops, which test_integrity checks against a hand-written forward but which cost a tiny LM per mutant
-    *[f"lpc.evaluation.integrity.x_{f}__mutmut_*" for f in ("repeat_rate", "codes_to_probe", "eval_text_nll")],
+    *[
+        f"lpc.evaluation.integrity.x_{f}__mutmut_*"
+        for f in ("repeat_rate", "codes_to_probe", "eval_text_nll", "prompt_codes_nll")
+    ],
     "lpc.evaluation.integrity.xǁLMProbeǁmeasure__mutmut_*",
     # the data checks and the label flips
     *[f"lpc.data.x_{f}__mutmut_*" for f in ("bad_row_reason", "check_rows", "_drop_bad", "flip_labels")],

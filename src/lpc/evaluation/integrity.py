@@ -12,6 +12,8 @@ pairs' chosen responses:
   reference's answers to the same questions; and their coherence: the per-token NLL of the answers given with
   the prior's z under the same LM without z (``lm/answer_nll``), beside that of the reference's answers
   (``lm/answer_nll/reference``), and the fraction of answers equal to the reference's;
+* the plain text's NLL under the codes the prior picks for the eval prompts (:func:`prompt_codes_nll`): the prior's
+  z for the plain text itself need not be one of them;
 * ``lm/damaged``: 1.0 when the prior's z raises the plain-text NLL by more than :data:`NLL_TOLERANCE`
   (5%) over the same LM with z = 0, or the greedy answers repeat 3-grams :data:`REPEAT_TOLERANCE` (0.2)
   more often than the reference's. ``lpc-report`` lists flagged runs. It is left out (``lm/reference_is_lm``
@@ -217,6 +219,31 @@ class LMProbe:
         return {"metrics": m, "per_z_nll": nll, "texts": texts, "questions": [q for q, _ in PLAIN_QA[:GENERATE]]}
 
 
+def prompt_codes_nll(per_z_nll: dict, prior_code) -> dict:
+    """The plain text's NLL under the codes the prior picks for the eval prompts, over z = 0's: the highest
+    (``lm/nll_ratio/prompt_codes_max``), the mean weighted by how many prompts pick each code
+    (``lm/nll_ratio/prompt_codes_mean``) and the share of those prompts whose code is over the :data:`NLL_TOLERANCE`
+    (``lm/prompt_codes_over``). ``lm/nll_ratio`` reads the prior's z for the plain text itself, a code the benchmark's
+    prompts may never get; these read the z a user's prompt does get. Reported, not part of ``lm/damaged``. Only the
+    probed codes (``per_z_nll``'s ``code_<k>``; the most used first) count."""
+    if prior_code is None or "zero" not in per_z_nll:
+        return {}
+    counts = torch.bincount(torch.as_tensor(prior_code).long().reshape(-1))
+    ratios = {
+        k: per_z_nll[f"code_{k}"] / per_z_nll["zero"]
+        for k in range(len(counts))
+        if counts[k] > 0 and f"code_{k}" in per_z_nll
+    }
+    if not ratios:
+        return {}
+    n = sum(int(counts[k]) for k in ratios)
+    return {
+        "lm/nll_ratio/prompt_codes_max": max(ratios.values()),
+        "lm/nll_ratio/prompt_codes_mean": sum(int(counts[k]) * r for k, r in ratios.items()) / n,
+        "lm/prompt_codes_over": sum(int(counts[k]) for k, r in ratios.items() if r > 1.0 + NLL_TOLERANCE) / n,
+    }
+
+
 def eval_text_nll(pairs: dict) -> dict:
     """Per-token NLL of the eval pairs' chosen responses under each z the final evaluation scored (the
     prior's, z = 0, shuffled, posterior) and under the reference, from ``evaluate(diagnostics=True)``."""
@@ -267,6 +294,8 @@ def lm_integrity(trainer, out_dir, probe: LMProbe, reference: dict | None, pairs
     with gathered:
         codes = codes_to_probe(pairs, latent, probe.max_codes)
         report = probe.measure(model.lm, latent, reference, codes, generate)
+    if latent is not None:
+        report["metrics"].update(prompt_codes_nll(report["per_z_nll"], pairs.get("prior_code")))
     metrics = {f"eval/{k}": v for k, v in {**report["metrics"], **eval_text_nll(pairs)}.items()}
     if trainer.accelerator.is_main_process and out_dir is not None:
         atomic_write_json(Path(out_dir) / "integrity.json", {**report, "metrics": metrics})
