@@ -107,6 +107,51 @@ def test_zero3_on_8_gpus_is_16_bytes_per_param_over_8():
     assert p.fits and p.suggestion is None
 
 
+def saved_bytes_per_logit(z_kl: bool) -> float:
+    """Bytes autograd keeps for the backward per scored (token, vocabulary) element of policy.response_logps."""
+    import torch
+
+    from lpc.policy import response_logps
+
+    torch.manual_seed(0)
+    V, d, B, T = 3000, 16, 2, 24
+    head = torch.nn.Linear(d, V, bias=False)
+    lm = type("LM", (), {"get_output_embeddings": lambda self: head})()
+    hidden = torch.randn(B, T, d, requires_grad=True)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 8:] = True
+    batch = {"response_mask": mask, "input_ids": torch.randint(0, V, (B, T))}
+    z = torch.randn(B, d, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        response_logps(lm, hidden, batch, z, with_logits=True, z_kl=z_kl)
+    n = int(mask[:, 1:].sum()) * V
+    return sum(size for (_, numel), size in saved.items() if numel >= n) / n
+
+
+def test_the_lm_penalty_costs_what_autograd_keeps():
+    """latent.lm_kl_weight > 0: the plan's logits grow by the bytes the KL to the LM without z really saves."""
+    from lpc.experiments.plan import LM_KL_BYTES, format_plan
+
+    assert saved_bytes_per_logit(False) <= 8  # the fp32 logits (+ a temporary the plan counts)
+    assert saved_bytes_per_logit(True) - saved_bytes_per_logit(False) == LM_KL_BYTES
+    base = ["model=llama3_8b", "algo=dpo", "distributed=zero3", "latent=discrete"]
+    off = plan(compose([*base, "latent.lm_kl_weight=0"]), A100)
+    on = plan(compose([*base, "latent.lm_kl_weight=0.5"]), A100)
+    s, b, V = 1024, 4, 128256
+    assert (off.logits_bytes, off.logits) == (8, 8 * s * b * V)
+    assert (on.logits_bytes, on.logits) == (24, 24 * s * b * V)
+    assert on.train_peak - off.train_peak == 16 * s * b * V
+    assert "24 B x 4 x 1024 x vocabulary (8 + 16 for latent.lm_kl_weight's KL)" in format_plan(on)
+    none = plan(compose(["model=llama3_8b", "algo=dpo", "distributed=zero3", "latent=none"]), A100)
+    assert none.logits_bytes == 8  # no latent, no penalty, whatever latent.lm_kl_weight a config carries
+
+
 @pytest.mark.parametrize("dist,world,shard", [("none", 1, 1), ("ddp", 8, 1), ("fsdp", 8, 8), ("zero3", 8, 8)])
 def test_sharding(dist, world, shard):
     p = plan(compose(["model=mistral7b", f"distributed={dist}"]), A100)

@@ -30,6 +30,9 @@ Per GPU it adds up (every formula and its source: docs/planning.md):
 * the logits of the scored tokens (at most s per sequence): 8 bytes per (token, vocabulary entry), the
   fp32 logits plus one fp32 temporary of their shape (logsumexp's x - max in the forward, their gradient
   in the backward); at evaluation (no gradient) the same for ``2 x trainer.eval_batch_size`` sequences.
+  ``latent.lm_kl_weight`` > 0 keeps 16 bytes more per element for the backward: the KL to the LM without z
+  saves both log-softmaxes, the probabilities and their difference (:data:`LM_KL_BYTES`, counted from the
+  tensors autograd saves in tests/experiments/test_plan.py).
 
 The verdict compares the larger of the training and evaluation peaks with ``hardware.gpu_memory_gb``
 GiB less a headroom (default 10%) for the CUDA context, allocator fragmentation and temporaries.
@@ -172,6 +175,9 @@ def arch_of(model_cfg: Mapping) -> tuple[Arch, int | None]:
     return arch, stated
 
 
+LM_KL_BYTES = 16  # per scored (token, vocabulary) element kept for the backward by latent.lm_kl_weight's KL
+
+
 def latent_parameters(latent_cfg: Mapping, hidden_size: int) -> int:
     """Trainable parameters of the LPC latent module (lpc.latent): 0 for latent=none."""
     target = str(latent_cfg.get("_target_") or "")
@@ -285,6 +291,9 @@ class Plan:
     n_adapter_params: int = 0  # the LoRA adapter's trainable parameters
     frozen_weights: float = 0.0  # bytes of the frozen base (adapter runs)
     merged_bytes: float = 0.0  # final/merged/ (adapter.merged_export)
+    logits_bytes: int = (
+        8  # per scored (token, vocabulary) element in training: 8, + LM_KL_BYTES with latent.lm_kl_weight
+    )
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestion: str | None = None  # the overrides to add so that it fits (None: fits, or nothing found)
@@ -340,6 +349,7 @@ class _Setup:
     latent: str
     arch: Arch
     n_latent: int
+    lm_kl: bool  # latent.lm_kl_weight > 0: the KL to the LM without z keeps more of the logits' size
     dtype: str
     precision: str
     distributed: str
@@ -465,6 +475,7 @@ def _setup(
         latent=str(latent.get("name", "none")),
         arch=arch,
         n_latent=latent_parameters(latent, arch.hidden_size),
+        lm_kl=latent.get("name", "none") != "none" and float(latent.get("lm_kl_weight") or 0.0) > 0,
         dtype=dtype,
         precision=trainer.precision,
         distributed=distributed,
@@ -588,8 +599,9 @@ def _memory(s: _Setup) -> dict:
         per_layer += sq * b * (inputs * per_element + len(s.adapter_targets) * s.adapter_r * compute_bytes)
     m["activations_no_checkpointing"] = L * per_layer
     m["activations_checkpointing"] = L * 2 * sq * b * h * scale + per_layer
-    # the scored tokens' logits (at most sq per sequence): fp32 + one fp32 temporary of the same shape
-    m["logits"] = 8 * sq * b * a.vocab_size
+    # the scored tokens' logits (at most sq per sequence): fp32 + one fp32 temporary of the same shape, and what
+    # latent.lm_kl_weight's KL keeps for the backward
+    m["logits"] = (8 + LM_KL_BYTES * s.lm_kl) * sq * b * a.vocab_size
     m["eval_logits"] = 8 * sq * 2 * s.eval_batch_pairs * a.vocab_size
     static = sum(m[k] for k in ("weights", "gradients", "optimizer", "reference_weights", "gathered"))
     act = m["activations_checkpointing" if s.gradient_checkpointing else "activations_no_checkpointing"]
@@ -736,6 +748,7 @@ def _estimate(s: _Setup) -> Plan:
         n_params=s.arch.num_parameters,
         n_latent_params=s.n_latent,
         n_adapter_params=s.n_adapter,
+        logits_bytes=8 + LM_KL_BYTES * s.lm_kl,
         reference=reference,
         **memory,
         **compute,
@@ -1018,7 +1031,8 @@ def _memory_lines(p: Plan) -> list[str]:
     return lines + [
         f"  activations, checkpointing   {_g(p.activations_checkpointing)}   {on}",
         f"  activations, none            {_g(p.activations_no_checkpointing)}   {off}",
-        f"  logits (fp32 + temporary)    {_g(p.logits)}   8 B x {2 * p.batch_pairs} x {p.seq_len} x vocabulary",
+        f"  logits (fp32 + temporary)    {_g(p.logits)}   {p.logits_bytes} B x {2 * p.batch_pairs} x {p.seq_len} x vocabulary"
+        + (" (8 + 16 for latent.lm_kl_weight's KL)" if p.logits_bytes > 8 else ""),
         f"  = training peak              {_g(p.train_peak)}",
         f"  evaluation peak              {_g(p.eval_peak)}   states{' - gradients' if p.distributed != 'zero3' else ''} + logits of {2 * p.eval_batch_pairs} sequences",
         f"  budget                       {_g(p.budget)}   {p.gpu_memory_gb:g} GiB less {p.headroom:.0%} headroom",
