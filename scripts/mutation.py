@@ -73,7 +73,7 @@ SCOPE = [
     # decoding loops, which test_integrity checks against a hand-written forward but which cost a tiny LM per mutant
     *[
         f"lpc.evaluation.integrity.x_{f}__mutmut_*"
-        for f in ("repeat_rate", "codes_to_probe", "eval_text_nll", "prompt_codes_nll")
+        for f in ("repeat_rate", "codes_to_probe", "eval_text_nll", "prompt_codes_nll", "prompt_codes_flag")
     ],
     "lpc.evaluation.integrity.xǁLMProbeǁmeasure__mutmut_*",
     # the data checks and the label flips

@@ -104,7 +104,8 @@ first = next(r for r in log if "loss" in r)
 keys = ["status", "train/steps", "train/num_processes", "train/global_batch_size", "train/gradient_accumulation_steps",
         "train/wall_time_s", "eval/loss", "eval/margin", "eval/pref_accuracy", "eval/pref_accuracy/z_zero",
         "eval/codes_used", "eval/latent/inert", "eval/latent/z_hidden_norm_ratio", "eval/lm/nll_ratio",
-        "eval/lm/text_nll/zero", "eval/lm/text_nll/reference", "eval/lm/repeat_rate", "eval/lm/damaged"]
+        "eval/lm/text_nll/zero", "eval/lm/text_nll/reference", "eval/lm/repeat_rate", "eval/lm/damaged",
+        "eval/lm/nll_ratio/prompt_codes_max", "eval/lm/prompt_codes_damaged"]
 for k in keys:
     if k in m:
         print(f"  {k} = {m[k]}")
@@ -130,6 +131,11 @@ if m.get("eval/lm/damaged"):
     problems.append(
         f"eval/lm/damaged: plain-text NLL ratio {m.get('eval/lm/nll_ratio')} (at most 1.05), greedy answers' "
         f"repeat rate {m.get('eval/lm/repeat_rate')} (reference {m.get('eval/lm/repeat_rate/reference')})"
+    )
+if m.get("eval/lm/prompt_codes_damaged"):  # reported, not a failure: at the defaults it is expected (docs/method.md §7)
+    print(
+        f"  note: a code the prompts get raises plain text's NLL to {m['eval/lm/nll_ratio/prompt_codes_max']:.3f} of "
+        "z = 0's (over 1.05); latent.lm_kl_weight=1 kept it within 5% in 7 of 10 SmolLM2 runs (docs/method.md §7)"
     )
 files = ["final/config.json", "final/model.safetensors"]
 if final == "adapter":

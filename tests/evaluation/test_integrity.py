@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from lpc.evaluation import integrity
-from lpc.evaluation.integrity import LMProbe, codes_to_probe, eval_text_nll, prompt_codes_nll, repeat_rate
+from lpc.evaluation.integrity import (
+    LMProbe,
+    codes_to_probe,
+    eval_text_nll,
+    prompt_codes_flag,
+    prompt_codes_nll,
+    repeat_rate,
+)
 from lpc.experiments.report import latent_section
 from lpc.latent import pool_states
 
@@ -45,6 +52,15 @@ def test_prompt_codes_nll_weights_the_probed_codes_by_the_prompts_that_pick_them
     assert prompt_codes_nll({"zero": 2.0}, torch.tensor([0])) == {}  # no code probed
 
 
+def test_the_prompts_codes_get_their_own_flag_where_the_lm_is_judged():
+    judged = {"lm/damaged": 0.0, "lm/nll_ratio": 1.01}
+    assert prompt_codes_flag({**judged, "lm/nll_ratio/prompt_codes_max": 1.1}) == {"lm/prompt_codes_damaged": 1.0}
+    assert prompt_codes_flag({**judged, "lm/nll_ratio/prompt_codes_max": 1.049}) == {"lm/prompt_codes_damaged": 0.0}
+    assert prompt_codes_flag({**judged, "lm/nll_ratio/prompt_codes_max": 1.051}) == {"lm/prompt_codes_damaged": 1.0}
+    assert prompt_codes_flag({"lm/nll_ratio/prompt_codes_max": 1.5}) == {}  # no verdict: the random-init toy
+    assert prompt_codes_flag(judged) == {}  # no prompt's code probed (DPO, a continuous latent)
+
+
 def test_a_run_reports_the_nll_under_the_codes_its_prompts_get(tiny_lpc_run):
     """Through the trainer's hook: the prompt codes' figures sit beside the prior's, from the same per-z NLLs."""
     import json
@@ -58,6 +74,7 @@ def test_a_run_reports_the_nll_under_the_codes_its_prompts_get(tiny_lpc_run):
     assert min(ratios) - 1e-9 <= m["eval/lm/nll_ratio/prompt_codes_mean"] <= m["eval/lm/nll_ratio/prompt_codes_max"]
     assert m["eval/lm/nll_ratio/prompt_codes_max"] in ratios and 0.0 <= m["eval/lm/prompt_codes_over"] <= 1.0
     assert report["metrics"]["eval/lm/nll_ratio/prompt_codes_max"] == m["eval/lm/nll_ratio/prompt_codes_max"]
+    assert "eval/lm/prompt_codes_damaged" not in m  # the random-init tiny model gets the figures, no verdict
 
 
 def test_eval_text_nll_is_minus_the_chosen_logps_per_token():
@@ -140,6 +157,16 @@ def test_the_report_lists_damaged_runs(tmp_path):
         {"status": "completed", "dir": tmp_path / "ok", "metrics": {"eval/lm/damaged": 0.0}},
         {
             "status": "completed",
+            "dir": tmp_path / "codes",
+            "metrics": {
+                "eval/lm/damaged": 0.0,
+                "eval/lm/prompt_codes_damaged": 1.0,
+                "eval/lm/nll_ratio/prompt_codes_max": 1.123,
+                "eval/lm/prompt_codes_over": 0.25,
+            },
+        },
+        {
+            "status": "completed",
             "dir": tmp_path / "broken",
             "metrics": {
                 "eval/latent/inert": 0.0,
@@ -151,7 +178,11 @@ def test_the_report_lists_damaged_runs(tmp_path):
         },
     ]
     text = latent_section({"runs": runs, "sweep_dir": tmp_path})
-    assert "1 runs flagged (1 LPC runs" in text
+    assert "2 runs flagged (1 LPC runs" in text
+    assert (
+        "`codes`: prompts' codes damage the LM: the codes the prior picks for 25% of the eval prompts raise plain "
+        "text's NLL by up to +12.3%" in text
+    )
     assert "`broken`: LM damaged: the prior's z changes plain text's NLL by +180.0%, greedy answers repeat 75%" in text
     assert "`ok`" not in text
 
@@ -188,12 +219,15 @@ def test_a_trained_smollm2_lpc_run_keeps_its_answers(tmp_path):
     m = read_metrics(run_dir)
     assert m["eval/lm/reference_is_lm"] == 1.0 and m["eval/lm/damaged"] == 0.0
     assert abs(m["eval/lm/nll_ratio"] - 1.0) < integrity.NLL_TOLERANCE
-    # reported beside it, not flagged: on the pretrained tier these reach 1.10-1.16 (docs/method.md §7)
+    # the codes the prompts get, with their own flag: on the pretrained tier at 60 steps these reach 1.10-1.16
+    # (docs/method.md §7)
     assert (
         1.0 - integrity.NLL_TOLERANCE
         < m["eval/lm/nll_ratio/prompt_codes_mean"]
         <= m["eval/lm/nll_ratio/prompt_codes_max"]
     )
+    over = m["eval/lm/nll_ratio/prompt_codes_max"] > 1.0 + integrity.NLL_TOLERANCE
+    assert m["eval/lm/prompt_codes_damaged"] == float(over)
     assert m["eval/lm/text_nll/reference"] < 4.0  # SmolLM2 models the answers (2.5 nats/token; ln V = 10.8)
     report = json.loads((run_dir / "analysis" / "integrity.json").read_text())
     answers, base = report["texts"]["answers"], report["texts"]["reference_answers"]

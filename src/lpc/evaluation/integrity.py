@@ -19,6 +19,10 @@ pairs' chosen responses:
   more often than the reference's. ``lpc-report`` lists flagged runs. It is left out (``lm/reference_is_lm``
   0) where the initial model is no language model of English (:data:`LM_NLL_FRACTION`): the random-init tiny
   model, whose figures are still reported.
+* ``lm/prompt_codes_damaged``: 1.0 when a code the prior picks for an eval prompt raises the plain-text NLL by
+  more than :data:`NLL_TOLERANCE`, judged where ``lm/damaged`` is. Its own flag, which ``lpc-report`` lists too:
+  ``lm/damaged`` is the LM a user gets for plain text (the prior's z for that text), this one the LM a prompt of
+  the task gets.
 """
 
 from __future__ import annotations
@@ -224,8 +228,9 @@ def prompt_codes_nll(per_z_nll: dict, prior_code) -> dict:
     (``lm/nll_ratio/prompt_codes_max``), the mean weighted by how many prompts pick each code
     (``lm/nll_ratio/prompt_codes_mean``) and the share of those prompts whose code is over the :data:`NLL_TOLERANCE`
     (``lm/prompt_codes_over``). ``lm/nll_ratio`` reads the prior's z for the plain text itself, a code the benchmark's
-    prompts may never get; these read the z a user's prompt does get. Reported, not part of ``lm/damaged``. Only the
-    probed codes (``per_z_nll``'s ``code_<k>``; the most used first) count."""
+    prompts may never get; these read the z a user's prompt does get (:func:`lm_integrity` flags the run,
+    ``lm/prompt_codes_damaged``, when the highest is over the tolerance). Only the probed codes (``per_z_nll``'s
+    ``code_<k>``; the most used first) count."""
     if prior_code is None or "zero" not in per_z_nll:
         return {}
     counts = torch.bincount(torch.as_tensor(prior_code).long().reshape(-1))
@@ -242,6 +247,14 @@ def prompt_codes_nll(per_z_nll: dict, prior_code) -> dict:
         "lm/nll_ratio/prompt_codes_mean": sum(int(counts[k]) * r for k, r in ratios.items()) / n,
         "lm/prompt_codes_over": sum(int(counts[k]) for k, r in ratios.items() if r > 1.0 + NLL_TOLERANCE) / n,
     }
+
+
+def prompt_codes_flag(metrics: dict) -> dict:
+    """``lm/prompt_codes_damaged``: 1.0 when the highest of the prompts' codes (:func:`prompt_codes_nll`) raises the
+    plain text's NLL over the :data:`NLL_TOLERANCE`; given where ``lm/damaged`` is (a backbone that models English)."""
+    if "lm/damaged" not in metrics or "lm/nll_ratio/prompt_codes_max" not in metrics:
+        return {}
+    return {"lm/prompt_codes_damaged": float(metrics["lm/nll_ratio/prompt_codes_max"] > 1.0 + NLL_TOLERANCE)}
 
 
 def eval_text_nll(pairs: dict) -> dict:
@@ -296,6 +309,7 @@ def lm_integrity(trainer, out_dir, probe: LMProbe, reference: dict | None, pairs
         report = probe.measure(model.lm, latent, reference, codes, generate)
     if latent is not None:
         report["metrics"].update(prompt_codes_nll(report["per_z_nll"], pairs.get("prior_code")))
+        report["metrics"].update(prompt_codes_flag(report["metrics"]))
     metrics = {f"eval/{k}": v for k, v in {**report["metrics"], **eval_text_nll(pairs)}.items()}
     if trainer.accelerator.is_main_process and out_dir is not None:
         atomic_write_json(Path(out_dir) / "integrity.json", {**report, "metrics": metrics})

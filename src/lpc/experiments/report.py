@@ -437,7 +437,8 @@ def run_name(sweep: dict, run: dict) -> str:
 def latent_section(sweep: dict) -> str:
     """LPC runs whose latent did nothing: z = 0 flips under 1% of the decisions (inert), or shuffling
     z across prompts costs under 1 point (z does not depend on the prompt); and runs whose LM the training
-    damaged (``eval/lm/damaged``, lpc.evaluation.integrity: plain text's NLL or greedy answers)."""
+    damaged (``eval/lm/damaged``, lpc.evaluation.integrity: plain text's NLL or greedy answers; and
+    ``eval/lm/prompt_codes_damaged``: plain text's NLL under the codes the eval prompts get)."""
     flagged = []
     for r in sweep["runs"]:
         m = r.get("metrics") or {}
@@ -458,6 +459,12 @@ def latent_section(sweep: dict) -> str:
                     f"(the reference: {100 * m['eval/lm/repeat_rate/reference']:.0f}%)"
                 )
             why.append("LM damaged: " + ", ".join(parts))
+        if m.get("eval/lm/prompt_codes_damaged"):
+            why.append(
+                f"prompts' codes damage the LM: the codes the prior picks for "
+                f"{100 * m['eval/lm/prompt_codes_over']:.0f}% of the eval prompts raise plain text's NLL by up to "
+                f"{100 * (m['eval/lm/nll_ratio/prompt_codes_max'] - 1):+.1f}%"
+            )
         if why:
             flagged.append(f"- `{run_name(sweep, r)}`: " + "; ".join(why))
     lpc_runs = sum(1 for r in sweep["runs"] if "eval/latent/inert" in (r.get("metrics") or {}))
