@@ -291,9 +291,8 @@ class Plan:
     n_adapter_params: int = 0  # the LoRA adapter's trainable parameters
     frozen_weights: float = 0.0  # bytes of the frozen base (adapter runs)
     merged_bytes: float = 0.0  # final/merged/ (adapter.merged_export)
-    logits_bytes: int = (
-        8  # per scored (token, vocabulary) element in training: 8, + LM_KL_BYTES with latent.lm_kl_weight
-    )
+    # per scored (token, vocabulary) element in training: 8, + LM_KL_BYTES with latent.lm_kl_weight
+    logits_bytes: int = 8
     overrides: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestion: str | None = None  # the overrides to add so that it fits (None: fits, or nothing found)
@@ -601,7 +600,8 @@ def _memory(s: _Setup) -> dict:
     m["activations_checkpointing"] = L * 2 * sq * b * h * scale + per_layer
     # the scored tokens' logits (at most sq per sequence): fp32 + one fp32 temporary of the same shape, and what
     # latent.lm_kl_weight's KL keeps for the backward
-    m["logits"] = (8 + LM_KL_BYTES * s.lm_kl) * sq * b * a.vocab_size
+    m["logits_bytes"] = 8 + LM_KL_BYTES * s.lm_kl
+    m["logits"] = m["logits_bytes"] * sq * b * a.vocab_size
     m["eval_logits"] = 8 * sq * 2 * s.eval_batch_pairs * a.vocab_size
     static = sum(m[k] for k in ("weights", "gradients", "optimizer", "reference_weights", "gathered"))
     act = m["activations_checkpointing" if s.gradient_checkpointing else "activations_no_checkpointing"]
@@ -748,7 +748,6 @@ def _estimate(s: _Setup) -> Plan:
         n_params=s.arch.num_parameters,
         n_latent_params=s.n_latent,
         n_adapter_params=s.n_adapter,
-        logits_bytes=8 + LM_KL_BYTES * s.lm_kl,
         reference=reference,
         **memory,
         **compute,
