@@ -159,6 +159,7 @@ def test_the_report_lists_damaged_runs(tmp_path):
             "status": "completed",
             "dir": tmp_path / "codes",
             "metrics": {
+                "eval/latent/inert": 0.0,
                 "eval/lm/damaged": 0.0,
                 "eval/lm/prompt_codes_damaged": 1.0,
                 "eval/lm/nll_ratio/prompt_codes_max": 1.123,
@@ -178,7 +179,7 @@ def test_the_report_lists_damaged_runs(tmp_path):
         },
     ]
     text = latent_section({"runs": runs, "sweep_dir": tmp_path})
-    assert "2 runs flagged (1 LPC runs" in text
+    assert "2 runs flagged (2 LPC runs" in text
     assert (
         "`codes`: prompts' codes damage the LM: the codes the prior picks for 25% of the eval prompts raise plain "
         "text's NLL by up to +12.3%" in text
